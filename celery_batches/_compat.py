@@ -1,0 +1,44 @@
+"""Every switch on the Celery version, in one place."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import celery
+from celery._state import _task_stack
+
+if TYPE_CHECKING:
+    from celery.worker.request import Request
+
+__all__ = ["CELERY_VERSION", "current_task_stack", "request_context"]
+
+#: The installed Celery's ``(major, minor)``.
+CELERY_VERSION: tuple[int, int] = tuple(  # type: ignore[assignment]
+    int(part) for part in celery.__version__.split(".")[:2]
+)
+
+
+def request_context(request: Request) -> dict[str, Any]:
+    """Return the request dict with callbacks, errbacks, chain and chord.
+
+    Celery 5.2 to 5.7 all build the execution context in the private
+    ``Request._context``, which folds the message's embedded options into
+    ``request_dict``; reading it keeps us on Celery's own decoding. When a
+    Celery release renames it, the fallback assembles the same dict.
+    """
+    context = getattr(request, "_context", None)
+    if context is not None:
+        return request.request_dict  # type: ignore[no-any-return]
+    request_dict: dict[str, Any] = dict(request.request_dict)
+    request_dict.setdefault("chord", request.chord)
+    request_dict.setdefault("errbacks", request.errbacks)
+    return request_dict
+
+
+def current_task_stack() -> tuple[Callable[[Any], None], Callable[[], Any]]:
+    """Return ``push`` and ``pop`` of the stack behind ``current_task``.
+
+    ``celery._state._task_stack`` is private but unchanged from 5.2 to 5.7;
+    Celery's tracer pushes the running task onto it, and so do we.
+    """
+    return _task_stack.push, _task_stack.pop

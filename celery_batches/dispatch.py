@@ -1,0 +1,178 @@
+"""Handing a ready batch to the pool and settling its messages afterwards."""
+
+from __future__ import annotations
+
+import pickle
+from typing import TYPE_CHECKING, Any
+
+from billiard.einfo import ExceptionInfo
+from celery.exceptions import InvalidTaskError
+from celery.utils.log import get_logger
+from celery.worker.state import task_ready
+
+from .request import SimpleRequest
+from .trace import Outcome, execute_batch, run_batch
+
+if TYPE_CHECKING:
+    from celery.app.task import Task
+    from celery.concurrency.base import BasePool
+    from celery.worker.request import Request
+
+__all__ = ["BatchJob", "dispatch_batch", "uses_processes"]
+
+logger = get_logger(__name__)
+
+#: Serializers whose decoded values are plain data that always pickle.
+_PLAIN_CONTENT_TYPES = frozenset(
+    {
+        "application/json",
+        "application/x-msgpack",
+        "application/x-yaml",
+        "application/data",
+    }
+)
+
+
+class BatchJob:
+    """The worker-side handle of one batch while the pool runs it.
+
+    The pool calls back once per batch; each callback is fanned out to
+    every request's own Celery handler, so acks, ``task-*`` events,
+    ``inspect active`` and failure handling stay exactly Celery's.
+    """
+
+    __slots__ = ("requests", "task_name")
+
+    def __init__(self, task_name: str, requests: list[Request]) -> None:
+        self.task_name = task_name
+        self.requests = requests
+
+    def _each(self, method: str, *args: Any) -> None:
+        for request in self.requests:
+            # Celery's per-request handler talks to the broker and the
+            # backend; one that fails must not keep the others from acking.
+            try:
+                getattr(request, method)(*args)
+            except Exception:
+                logger.exception(
+                    "Error in %s of %s[%s]", method, request.name, request.id
+                )
+
+    def on_accepted(self, pid: int, time_accepted: float) -> None:
+        """The pool started the batch: ack early-acked messages, emit events."""
+        self._each("on_accepted", pid, time_accepted)
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        """A time limit of the batch was exceeded."""
+        if soft:
+            logger.warning(
+                "Soft time limit (%ss) exceeded for a batch of %d %s requests",
+                timeout,
+                len(self.requests),
+                self.task_name,
+            )
+            return
+        logger.error(
+            "Hard time limit (%ss) exceeded for a batch of %d %s requests",
+            timeout,
+            len(self.requests),
+            self.task_name,
+        )
+        self._each("on_timeout", False, timeout)
+
+    def on_success(self, outcomes: list[Outcome]) -> None:
+        """The batch ran: settle each message by its own outcome."""
+        for request, outcome in zip(self.requests, outcomes):
+            try:
+                request.on_success(outcome)
+            except Exception:
+                logger.exception(
+                    "Error settling %s[%s]", request.name, request.id
+                )
+
+    def on_failure(self, exc_info: ExceptionInfo) -> None:
+        """The pool lost the batch (worker lost, hard time limit, terminated)."""
+        self._each("on_failure", exc_info)
+
+
+def uses_processes(pool: BasePool) -> bool:
+    """Return ``True`` if ``pool`` runs jobs in child processes."""
+    from celery.concurrency.prefork import TaskPool
+
+    return isinstance(pool, TaskPool)
+
+
+def _unpicklable(request: Request, simple: SimpleRequest) -> Exception | None:
+    if request.content_type in _PLAIN_CONTENT_TYPES:
+        return None
+    try:
+        pickle.dumps(simple, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:
+        return exc
+    return None
+
+
+def dispatch_batch(
+    task: Task,
+    requests: list[Request],
+    pool: BasePool,
+    *,
+    hostname: str | None = None,
+) -> Any:
+    """Run ``requests`` as one batch of ``task`` in ``pool``.
+
+    Requests whose arguments cannot be sent to a pool process are failed
+    and rejected on their own; the rest run.
+
+    Returns:
+        What ``pool.apply_async`` returned, or ``None`` if nothing was left
+        to run.
+    """
+    in_processes = uses_processes(pool)
+    runnable: list[Request] = []
+    simple: list[SimpleRequest] = []
+    for request in requests:
+        snapshot = getattr(request, "_batches_simple", None)
+        if snapshot is None:
+            snapshot = SimpleRequest.from_request(request)
+        if in_processes:
+            error = _unpicklable(request, snapshot)
+            if error is not None:
+                _reject_unpicklable(task, request, error)
+                continue
+        runnable.append(request)
+        simple.append(snapshot)
+    if not runnable:
+        return None
+    job = BatchJob(task.name, runnable)
+    target = execute_batch if in_processes else _execute_in_process
+    return pool.apply_async(
+        target,
+        args=(task.name if in_processes else task, simple, hostname),
+        accept_callback=job.on_accepted,
+        timeout_callback=job.on_timeout,
+        callback=job.on_success,
+        error_callback=job.on_failure,
+        soft_timeout=task.soft_time_limit,
+        timeout=task.time_limit,
+        correlation_id=runnable[0].id,
+    )
+
+
+def _execute_in_process(
+    task: Task, requests: list[SimpleRequest], hostname: str | None = None
+) -> list[Outcome]:
+    return run_batch(task, requests, hostname=hostname)[1]
+
+
+def _reject_unpicklable(task: Task, request: Request, exc: Exception) -> None:
+    error = InvalidTaskError(
+        f"arguments of {request.name}[{request.id}] cannot be sent to the "
+        f"pool: {exc!r}"
+    )
+    logger.error("Rejecting %s[%s]: %s", request.name, request.id, error)
+    task.backend.mark_as_failure(
+        request.id, error, request=request._context, store_result=True
+    )
+    task_ready(request)
+    request.reject(requeue=False)

@@ -1,0 +1,264 @@
+"""The picklable snapshot of one call that a batch body receives."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from celery import current_app, signals, states
+from celery.app.task import Context
+from celery.exceptions import MaxRetriesExceededError
+from celery.utils.time import get_exponential_backoff_interval
+
+from ._compat import request_context
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from celery.app.task import Task
+    from celery.worker.request import Request
+
+__all__ = ["SimpleRequest"]
+
+
+class SimpleRequest:
+    """One call of a batch task, as the batch body sees it.
+
+    The worker turns every buffered message into a :class:`SimpleRequest`
+    before it hands the batch to the pool, so the object pickles and carries
+    everything a result backend needs to store a result for this one call
+    (``rpc://``, chords and ``link`` callbacks included).
+
+    Settle a request from inside the body with :meth:`mark_as_done`,
+    :meth:`mark_as_failure` or :meth:`retry`; a request left unsettled is
+    settled by the worker when the body returns or raises.
+    """
+
+    __slots__ = (
+        "_context",
+        "_outcome",
+        "args",
+        "chord",
+        "correlation_id",
+        "delivery_info",
+        "hostname",
+        "id",
+        "ignore_result",
+        "kwargs",
+        "name",
+        "reply_to",
+        "request_dict",
+    )
+
+    #: The task id of this call.
+    id: str
+    #: The task name (the ``shadow`` name when one was given).
+    name: str
+    #: Positional arguments of this call.
+    args: list[Any] | tuple[Any, ...]
+    #: Keyword arguments of this call.
+    kwargs: dict[str, Any]
+    #: Exchange, routing key, priority and ``redelivered`` of the message.
+    delivery_info: dict[str, Any]
+    #: Node name of the worker that received the message.
+    hostname: str | None
+    #: Whether the result of this call is stored.
+    ignore_result: bool
+    #: Queue that ``rpc://`` results are sent to.
+    reply_to: str | None
+    #: Correlation id that ``rpc://`` results are tagged with.
+    correlation_id: str | None
+    #: The full request as Celery's worker decoded it (headers and body).
+    request_dict: dict[str, Any]
+    #: The chord this call is a member of, if any.
+    chord: Any
+
+    def __init__(
+        self,
+        id: str,
+        name: str,
+        args: list[Any] | tuple[Any, ...],
+        kwargs: dict[str, Any],
+        delivery_info: dict[str, Any],
+        hostname: str | None,
+        ignore_result: bool,
+        reply_to: str | None,
+        correlation_id: str | None,
+        request_dict: dict[str, Any] | None,
+    ) -> None:
+        self.id = id
+        self.name = name
+        self.args = args
+        self.kwargs = kwargs
+        self.delivery_info = delivery_info
+        self.hostname = hostname
+        self.ignore_result = ignore_result
+        self.reply_to = reply_to
+        self.correlation_id = correlation_id
+        self.request_dict = request_dict if request_dict is not None else {}
+        self.chord = self.request_dict.get("chord")
+        self._context: Context | None = None
+        #: ``(state, value)`` once settled in the pool, else ``None``.
+        self._outcome: tuple[str, Any] | None = None
+
+    @classmethod
+    def from_request(cls, request: Request) -> SimpleRequest:
+        """Build a :class:`SimpleRequest` from a worker request.
+
+        Arguments:
+            request: the :class:`celery.worker.request.Request` the worker
+                built from the message.
+        """
+        # The execution context adds callbacks, errbacks, chain and chord to
+        # the request dict, which the result backend and link callbacks need.
+        request_dict = request_context(request)
+        return cls(
+            request.id,
+            request.name,
+            request.args,
+            request.kwargs,
+            request.delivery_info,
+            request.hostname,
+            request.ignore_result,
+            request.reply_to,
+            request.correlation_id,
+            request_dict,
+        )
+
+    def __repr__(self) -> str:
+        return f"<SimpleRequest: {self.name}[{self.id}] {self.args!r} {self.kwargs!r}>"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Send only what the constructor takes: a cached Context or an
+        # outcome recorded in one process means nothing in another.
+        return (
+            type(self),
+            (
+                self.id,
+                self.name,
+                self.args,
+                self.kwargs,
+                self.delivery_info,
+                self.hostname,
+                self.ignore_result,
+                self.reply_to,
+                self.correlation_id,
+                self.request_dict,
+            ),
+        )
+
+    # -- settling ---------------------------------------------------------
+
+    @property
+    def settled(self) -> bool:
+        """``True`` once this request has a result, a failure or a retry."""
+        return self._outcome is not None
+
+    @property
+    def state(self) -> str | None:
+        """The state this request was settled with, or ``None``."""
+        return None if self._outcome is None else self._outcome[0]
+
+    @property
+    def context(self) -> Context:
+        """This call's :class:`celery.app.task.Context` (``task.request``)."""
+        ctx = self._context
+        if ctx is None:
+            ctx = self._context = Context(self.request_dict)
+            ctx.id = self.id
+            ctx.called_directly = False
+        return ctx
+
+    @property
+    def task(self) -> Task:
+        """The task this request is a call of."""
+        name = self.request_dict.get("task") or self.name
+        return current_app.tasks[name]  # type: ignore[no-any-return]
+
+    def mark_as_done(self, result: Any) -> None:
+        """Store ``result`` as this request's result, as a plain task would.
+
+        ``link`` callbacks and the next task of a chain are sent with
+        ``result``, a chord counts this member, ``rpc://`` callers receive
+        it, and ``task_success`` fires for this request.
+        """
+        from .trace import settle_success
+
+        settle_success(self.task, self, result)
+
+    def mark_as_failure(
+        self, exc: BaseException, traceback: str | None = None
+    ) -> None:
+        """Store ``exc`` as this request's failure, as a plain task would.
+
+        ``link_error`` callbacks run, a chord counts this member as failed,
+        and ``task_failure`` fires for this request.
+        """
+        from .trace import settle_failure
+
+        settle_failure(self.task, self, exc, traceback=traceback)
+
+    def retry(
+        self,
+        countdown: float | None = None,
+        eta: datetime | None = None,
+        exc: BaseException | None = None,
+        max_retries: int | None = None,
+    ) -> None:
+        """Send this one call again, with the same task id, to run later.
+
+        The message is re-published with ``retries + 1`` and batched again
+        like any other. The delay is ``countdown``, else ``eta``, else the
+        task's ``retry_backoff`` schedule or ``default_retry_delay``. RETRY
+        is stored and ``task_retry`` fires. Past ``max_retries`` (this
+        argument, else the task's) the request fails with ``exc`` or
+        :exc:`~celery.exceptions.MaxRetriesExceededError` instead.
+        """
+        from .trace import settle_failure
+
+        task = self.task
+        ctx = self.context
+        retries = int(ctx.retries or 0)
+        limit = task.max_retries if max_retries is None else max_retries
+        if limit is not None and retries >= limit:
+            failure = exc or MaxRetriesExceededError(
+                f"Can't retry {self.name}[{self.id}] args:{self.args} "
+                f"kwargs:{self.kwargs}"
+            )
+            settle_failure(task, self, failure)
+            return
+        if countdown is None and eta is None:
+            if task.retry_backoff:
+                countdown = get_exponential_backoff_interval(
+                    factor=int(task.retry_backoff),
+                    retries=retries,
+                    maximum=task.retry_backoff_max,
+                    full_jitter=task.retry_jitter,
+                )
+            else:
+                countdown = task.default_retry_delay
+        signature = task.signature_from_request(
+            ctx,
+            self.args,
+            self.kwargs,
+            task_id=self.id,
+            countdown=countdown,
+            eta=eta,
+            retries=retries + 1,
+        )
+        signature.apply_async()
+        reason = exc if exc is not None else RetryRequested(countdown, eta)
+        if not self.ignore_result:
+            task.backend.mark_as_retry(self.id, reason, request=ctx)
+        self._outcome = (states.RETRY, reason)
+        if signals.task_retry.receivers:
+            signals.task_retry.send(
+                sender=task, request=ctx, reason=reason, einfo=None
+            )
+
+
+class RetryRequested(Exception):
+    """The reason stored with RETRY when :meth:`SimpleRequest.retry` got none."""
+
+    def __init__(self, countdown: float | None, eta: datetime | None) -> None:
+        when = f"in {countdown}s" if eta is None else f"at {eta.isoformat()}"
+        super().__init__(f"Retry {when}")

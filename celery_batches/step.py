@@ -1,0 +1,75 @@
+"""The consumer bootstep that flushes on shutdown and resets on reconnect."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from celery import bootsteps
+from celery.bootsteps import CLOSE
+from celery.utils.log import get_logger
+
+from .collector import collectors_of
+
+if TYPE_CHECKING:
+    from celery.worker.consumer import Consumer
+
+__all__ = ["BatchesStep"]
+
+logger = get_logger(__name__)
+
+
+class BatchesStep(bootsteps.StartStopStep):
+    """Looks after buffered requests when the consumer stops.
+
+    Added to the worker by :class:`~celery_batches.Batches` itself. On a
+    warm shutdown it flushes every buffered request to the pool, which the
+    worker then waits for; requests held for an ETA are left unacked, so the
+    broker delivers them again. On a broker connection loss it forgets every
+    buffered request: their delivery tags died with the channel and the
+    broker delivers them again, so running them would run them twice.
+    """
+
+    name = "celery_batches.BatchesStep"
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def stop(self, c: Consumer) -> None:
+        # Consumer.blueprint.stop() sets CLOSE before it stops the steps;
+        # a connection loss restarts the steps with the blueprint running.
+        if c.blueprint is not None and c.blueprint.state == CLOSE:
+            self._flush(c)
+        else:
+            self._discard(c, "Broker connection lost")
+
+    def terminate(self, c: Consumer) -> None:
+        # Cold shutdown: run nothing more; unacked messages go back.
+        self._discard(c, "Cold shutdown")
+
+    def shutdown(self, c: Consumer) -> None:
+        self._discard(c, "Worker shut down")
+
+    @staticmethod
+    def _flush(c: Consumer) -> None:
+        for name, collector in list(collectors_of(c).items()):
+            sent = collector.flush_all("shutdown")
+            held = collector.discard_all()
+            if sent or held:
+                logger.info(
+                    "Warm shutdown: flushed %d buffered %s requests; %d "
+                    "requests waiting for their ETA go back to the broker",
+                    sent,
+                    name,
+                    held,
+                )
+
+    @staticmethod
+    def _discard(c: Consumer, why: str) -> None:
+        for name, collector in list(collectors_of(c).items()):
+            dropped = collector.discard_all()
+            if dropped:
+                logger.warning(
+                    "%s: dropped %d buffered %s requests; the broker will "
+                    "deliver them again",
+                    why,
+                    dropped,
+                    name,
+                )

@@ -1,0 +1,207 @@
+"""The worker-side message handler of a batch task."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Callable
+
+from celery import signals
+from celery.app import trace as app_trace
+from celery.exceptions import InvalidTaskError
+from celery.utils.imports import symbol_by_name
+from celery.utils.log import get_logger
+from celery.utils.time import timezone
+from celery.worker.request import create_request_cls
+from celery.worker.state import task_reserved
+from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2
+from kombu.asynchronous.timer import to_timestamp
+
+from .collector import BatchCollector, collectors_of
+
+if TYPE_CHECKING:
+    from celery import Celery
+    from celery.worker.consumer import Consumer
+    from kombu.message import Message
+
+    from .task import Batches
+
+__all__ = ["batches_strategy"]
+
+logger = get_logger(__name__)
+
+#: The exceptions a malformed message raises while Celery decodes it.
+_MALFORMED = (ValueError, TypeError, KeyError, AttributeError, IndexError)
+
+STEP_MISSING = (
+    "celery_batches: the worker has no BatchesStep; buffered %s requests "
+    "will not be flushed on shutdown or dropped on reconnect. Import the "
+    "task module before the worker starts."
+)
+
+
+def _fail_malformed(
+    task: Batches, message: Message, body: Any, exc: BaseException
+) -> InvalidTaskError:
+    """Store FAILURE for a message we cannot decode, if its id is known."""
+    headers = message.headers or {}
+    task_id = headers.get("id")
+    if task_id is None and isinstance(body, dict):
+        task_id = body.get("id")
+    error = InvalidTaskError(
+        f"Malformed message for batch task {task.name}: {exc!r}"
+    )
+    if task_id:
+        try:
+            task.backend.mark_as_failure(task_id, error, store_result=True)
+        except Exception:
+            logger.warning("Cannot store failure of %s", task_id, exc_info=True)
+    return error
+
+
+def batches_strategy(
+    task: Batches, app: Celery, consumer: Consumer
+) -> Callable[..., None]:
+    """Return the function the worker calls with each message of ``task``.
+
+    Messages are decoded exactly as Celery's default strategy does; instead
+    of going to the pool one by one, requests wait in the task's buffer.
+    """
+    hostname = consumer.hostname
+    connection_errors = consumer.connection_errors
+    _does_info = logger.isEnabledFor(logging.INFO)
+    eventer = consumer.event_dispatcher
+    task_sends_events = eventer and eventer.enabled and task.send_events
+    send_event = eventer and eventer.send
+    to_system_tz = timezone.to_system
+    uses_utc_timezone = app.uses_utc_timezone
+    revoked_tasks = consumer.controller.state.revoked
+    Req = create_request_cls(
+        symbol_by_name(task.Request), task, consumer.pool, hostname, eventer, app=app
+    )
+    info = app_trace.info if hasattr(app_trace, "info") else logger.info
+    log_received = app_trace.LOG_RECEIVED
+    task_received = signals.task_received
+
+    registry = collectors_of(consumer)
+    collector = registry.get(task.name)
+    if collector is None:
+        collector = registry[task.name] = BatchCollector(task, consumer)
+    task._pool = consumer.pool
+    add = collector.add
+    hold = collector.hold
+    if "celery_batches.BatchesStep" not in consumer.blueprint.steps:
+        logger.warning(STEP_MISSING, task.name)
+
+    # This runs once per message: everything above is bound to locals so
+    # the per-message path does only the decoding Celery itself does.
+    def task_message_handler(
+        message: Message,
+        body: Any,
+        ack: Any,
+        reject: Any,
+        callbacks: Any,
+        to_timestamp: Callable[..., float] = to_timestamp,
+    ) -> None:
+        try:
+            if body is None and "args" not in message.payload:
+                body, headers, decoded, utc = (
+                    message.body,
+                    message.headers,
+                    False,
+                    uses_utc_timezone(),
+                )
+            elif "args" in message.payload:
+                body, headers, decoded, utc = hybrid_to_proto2(
+                    message, message.payload
+                )
+            else:
+                body, headers, decoded, utc = proto1_to_proto2(message, body)
+            req = Req(
+                message,
+                on_ack=ack,
+                on_reject=reject,
+                app=app,
+                hostname=hostname,
+                eventer=eventer,
+                task=task,
+                connection_errors=connection_errors,
+                body=body,
+                headers=headers,
+                decoded=decoded,
+                utc=utc,
+            )
+            args, kwargs = req.args, req.kwargs
+            if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
+                raise TypeError(
+                    "args must be a list and kwargs a mapping, got "
+                    f"{type(args).__name__} and {type(kwargs).__name__}"
+                )
+        except InvalidTaskError as exc:
+            # Celery's own checks (bad ETA string, bad expires): the
+            # consumer rejects the message; store the failure first.
+            raise _fail_malformed(task, message, body, exc) from exc
+        except _MALFORMED as exc:
+            # A body like ``{}`` or ``[1]`` makes Celery's default strategy
+            # raise out of the consumer and stop the worker; turn it into
+            # InvalidTaskError so the consumer rejects it and goes on.
+            raise _fail_malformed(task, message, body, exc) from exc
+
+        if _does_info:
+            context = {
+                "id": req.id,
+                "name": req.name,
+                "args": req.argsrepr,
+                "kwargs": req.kwargsrepr,
+                "eta": req.eta,
+            }
+            info(log_received, context, extra={"data": context})
+        if (req.expires or req.id in revoked_tasks) and req.revoked():
+            return
+
+        if task_received.receivers:
+            task_received.send(sender=consumer, request=req)
+
+        if task_sends_events:
+            send_event(
+                "task-received",
+                uuid=req.id,
+                name=req.name,
+                args=req.argsrepr,
+                kwargs=req.kwargsrepr,
+                root_id=req.root_id,
+                parent_id=req.parent_id,
+                retries=req.request_dict.get("retries", 0),
+                eta=req.eta and req.eta.isoformat(),
+                expires=req.expires and req.expires.isoformat(),
+            )
+
+        eta = req.eta
+        if eta:
+            try:
+                when = (
+                    to_timestamp(to_system_tz(eta))
+                    if req.utc
+                    else to_timestamp(eta, app.timezone)
+                )
+            except (OverflowError, ValueError) as exc:
+                logger.error(
+                    "Couldn't convert ETA %r to timestamp: %r. Task: %r",
+                    eta,
+                    exc,
+                    req.info(safe=True),
+                )
+                task.backend.mark_as_failure(
+                    req.id, exc, request=req._context, store_result=req.store_errors
+                )
+                req.reject(requeue=False)
+                return
+            hold(req, when)
+            return
+
+        task_reserved(req)
+        if callbacks:
+            for callback in callbacks:
+                callback(req)
+        add(req)
+
+    return task_message_handler

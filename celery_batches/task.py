@@ -1,0 +1,171 @@
+"""The :class:`Batches` task class."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import TYPE_CHECKING, Any, Callable
+
+from celery import Task, states
+from celery.result import EagerResult
+from celery.utils.nodenames import gethostname
+from kombu.utils.uuid import uuid
+
+from .dispatch import dispatch_batch
+from .request import SimpleRequest
+from .step import BatchesStep
+from .strategy import batches_strategy
+from .trace import run_batch
+
+if TYPE_CHECKING:
+    from celery import Celery
+    from celery.concurrency.base import BasePool
+    from celery.worker.consumer import Consumer
+    from celery.worker.request import Request
+
+__all__ = ["Batches"]
+
+
+class Batches(Task):  # type: ignore[misc]
+    """A task whose calls the worker runs in batches.
+
+    The worker buffers this task's messages and calls :meth:`run` once with
+    a list of :class:`~celery_batches.SimpleRequest`, when ``flush_every``
+    calls are waiting or ``flush_interval`` seconds have passed::
+
+        @app.task(base=Batches, flush_every=100, flush_interval=10)
+        def count_click(requests):
+            ...
+
+    Every option can be set in the decorator, as for any Celery task.
+    """
+
+    abstract = True
+
+    #: Calls may pass any arguments: they are checked by the body, not Celery.
+    typing = False
+
+    #: Number of buffered calls (of one batch key) that triggers a flush.
+    #: Default: 10.
+    flush_every = 10
+
+    #: Seconds after which buffered calls are flushed anyway. Default: 30.
+    flush_interval = 30
+
+    #: If true, :meth:`run` returns one value per request (a sequence in the
+    #: order of ``requests`` or a mapping of request id to value), stored as
+    #: that request's result; an exception instance fails only its request.
+    #: Default: ``False`` (return values only reach ``task_success``).
+    per_request_results = False
+
+    #: Groups calls into separate batches: a callable taking a
+    #: :class:`~celery_batches.SimpleRequest` and returning a hashable key,
+    #: or the name of a keyword argument. Each key has its own buffer and
+    #: ``flush_every``. Default: ``None`` (one buffer).
+    batch_key: Callable[[SimpleRequest], Hashable] | str | None = None
+
+    _pool: BasePool | None = None
+
+    def run(self, requests: list[SimpleRequest]) -> Any:
+        """The batch body: override it (or decorate a function) to take ``requests``."""
+        raise NotImplementedError("Batches tasks must implement run(requests)")
+
+    @classmethod
+    def on_bound(cls, app: Celery) -> None:
+        """Add :class:`~celery_batches.step.BatchesStep` to the app's workers."""
+        super().on_bound(app)
+        app.steps["consumer"].add(BatchesStep)
+
+    def Strategy(self, task: Batches, app: Celery, consumer: Consumer) -> Any:  # noqa: N802
+        """Return the worker's message handler for this task (buffers messages)."""
+        return batches_strategy(task, app, consumer)
+
+    def flush(self, requests: list[Request]) -> Any:
+        """Run ``requests`` (worker requests) as one batch in the worker's pool."""
+        if self._pool is None:
+            raise RuntimeError(f"{self.name}.flush() is only available in a worker")
+        hostname = requests[0].hostname if requests else None
+        return dispatch_batch(self, requests, self._pool, hostname=hostname)
+
+    def apply(
+        self,
+        args: tuple[Any, ...] | list[Any] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        *_args: Any,
+        **options: Any,
+    ) -> EagerResult:
+        """Run the body now, in this process, as a batch of one call.
+
+        Returns:
+            An :class:`~celery.result.EagerResult` holding this call's own
+            result if the body settled it (or ``per_request_results`` did),
+            else what the body returned. If the call failed and
+            ``throw=True`` or ``task_eager_propagates`` is set, the
+            exception is raised.
+        """
+        task_id = options.get("task_id") or uuid()
+        request = eager_request(self, task_id, args, kwargs, options)
+        retval, _ = run_batch(self, [request], eager=True, hostname=request.hostname)
+        throw = options.get("throw")
+        if throw is None:
+            throw = self.app.conf.task_eager_propagates
+        return eager_result(request, retval, throw=bool(throw))
+
+
+def eager_request(
+    task: Task,
+    task_id: str,
+    args: tuple[Any, ...] | list[Any] | None,
+    kwargs: dict[str, Any] | None,
+    options: dict[str, Any],
+) -> SimpleRequest:
+    """Build the request of an eager call of ``task``."""
+    args = list(args or ())
+    kwargs = dict(kwargs or {})
+    hostname = gethostname()
+    delivery_info = {
+        "is_eager": True,
+        "exchange": options.get("exchange"),
+        "routing_key": options.get("routing_key"),
+        "priority": options.get("priority"),
+    }
+    ignore_result = bool(options.get("ignore_result", task.ignore_result))
+    request_dict = {
+        "id": task_id,
+        "task": task.name,
+        "args": args,
+        "kwargs": kwargs,
+        "is_eager": True,
+        "delivery_info": delivery_info,
+        "hostname": hostname,
+        "ignore_result": ignore_result,
+        "retries": options.get("retries", 0),
+        "callbacks": options.get("link"),
+        "errbacks": options.get("link_error"),
+        "root_id": task_id,
+    }
+    return SimpleRequest(
+        task_id,
+        task.name,
+        args,
+        kwargs,
+        delivery_info,
+        hostname,
+        ignore_result,
+        None,
+        None,
+        request_dict,
+    )
+
+
+def eager_result(request: SimpleRequest, retval: Any, *, throw: bool) -> EagerResult:
+    """Turn a settled (or unsettled) eager request into an EagerResult."""
+    outcome = request._outcome
+    if outcome is None:
+        return EagerResult(request.id, retval, states.SUCCESS)
+    state, value = outcome
+    if state == states.FAILURE:
+        exc = value.exception
+        if throw:
+            raise exc
+        return EagerResult(request.id, exc, state, traceback=value.traceback)
+    return EagerResult(request.id, value, state)

@@ -1,0 +1,319 @@
+"""Running one batch inside the pool: signals, states and stored results."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from billiard.einfo import ExceptionInfo
+from celery import current_app, signals, states
+from celery.exceptions import Retry
+from celery.utils.log import get_logger
+from celery.utils.nodenames import gethostname
+from celery.utils.saferepr import saferepr
+from celery.utils.serialization import (
+    get_pickleable_etype,
+    get_pickleable_exception,
+)
+from kombu.utils.uuid import uuid
+
+from ._compat import current_task_stack
+
+if TYPE_CHECKING:
+    from celery.app.task import Task
+
+    from .request import SimpleRequest
+
+__all__ = [
+    "Outcome",
+    "execute_batch",
+    "run_batch",
+    "settle_failure",
+    "settle_success",
+]
+
+logger = get_logger(__name__)
+
+#: What the pool hands back to the worker for one request:
+#: ``(failed, retval, runtime)``, the shape Celery's own tracer returns, so the
+#: worker-side :class:`~celery.worker.request.Request` handlers apply as they are.
+Outcome = tuple[int, Any, float]
+
+
+def _push_context(task: Task, request: SimpleRequest) -> None:
+    task.request_stack.push(request.context)
+
+
+def settle_success(task: Task, request: SimpleRequest, result: Any) -> None:
+    """Store ``result`` for ``request`` with a plain task's side effects."""
+    if request._outcome is not None:
+        logger.warning(
+            "Request %s[%s] was already settled as %s; ignoring new result",
+            request.name,
+            request.id,
+            request._outcome[0],
+        )
+        return
+    ctx = request.context
+    app = task.app
+    # Celery's tracer sends callbacks and the next chain step before it
+    # stores the result; keep that order so a reader of the result never
+    # sees SUCCESS before the chain moved on.
+    callbacks = ctx.callbacks
+    if callbacks:
+        for callback in callbacks:
+            app.signature(callback).apply_async(
+                (result,), parent_id=request.id, root_id=ctx.root_id
+            )
+    chain = ctx.chain
+    if chain:
+        next_step = app.signature(chain[-1])
+        next_step.apply_async(
+            (result,), chain=chain[:-1], parent_id=request.id, root_id=ctx.root_id
+        )
+    task.backend.mark_as_done(
+        request.id, result, request=ctx, store_result=not request.ignore_result
+    )
+    request._outcome = (states.SUCCESS, result)
+    if signals.task_success.receivers:
+        _push_context(task, request)
+        try:
+            signals.task_success.send(sender=task, result=result)
+        finally:
+            task.request_stack.pop()
+
+
+def settle_failure(
+    task: Task,
+    request: SimpleRequest,
+    exc: BaseException,
+    traceback: str | None = None,
+    einfo: ExceptionInfo | None = None,
+) -> None:
+    """Store ``exc`` as the failure of ``request`` and fire ``task_failure``."""
+    if request._outcome is not None:
+        logger.warning(
+            "Request %s[%s] was already settled as %s; ignoring failure %r",
+            request.name,
+            request.id,
+            request._outcome[0],
+            exc,
+        )
+        return
+    if einfo is None:
+        einfo = exception_info(exc)
+    if traceback is None:
+        traceback = einfo.traceback
+    ctx = request.context
+    task.backend.mark_as_failure(
+        request.id,
+        exc,
+        traceback,
+        request=ctx,
+        store_result=task.store_errors_even_if_ignored or not request.ignore_result,
+    )
+    request._outcome = (states.FAILURE, einfo)
+    if signals.task_failure.receivers:
+        _push_context(task, request)
+        try:
+            signals.task_failure.send(
+                sender=task,
+                task_id=request.id,
+                exception=exc,
+                args=request.args,
+                kwargs=request.kwargs,
+                traceback=einfo.tb,
+                einfo=einfo,
+            )
+        finally:
+            task.request_stack.pop()
+
+
+def exception_info(exc: BaseException) -> ExceptionInfo:
+    """Return an :class:`ExceptionInfo` for ``exc``, raised or not."""
+    if exc.__traceback__ is None:
+        try:
+            raise exc
+        except BaseException:
+            return ExceptionInfo()
+    return ExceptionInfo((type(exc), exc, exc.__traceback__))
+
+
+def _pickleable(einfo: ExceptionInfo) -> ExceptionInfo:
+    # The pool pickles what a job returns; an exception whose arguments do
+    # not pickle would otherwise lose the whole batch's outcomes.
+    einfo.exception = get_pickleable_exception(einfo.exception)
+    einfo.type = get_pickleable_etype(einfo.type)
+    return einfo
+
+
+def _distribute(
+    task: Task, requests: list[SimpleRequest], retval: Any
+) -> None:
+    """Store one value per request from the body's return value."""
+    if isinstance(retval, Mapping):
+        known = {r.id for r in requests}
+        unknown = [key for key in retval if key not in known]
+        if unknown:
+            raise ValueError(
+                f"{task.name} returned results for unknown request ids "
+                f"{unknown[:5]!r}; per_request_results maps request.id to a value"
+            )
+        pairs = [(r, retval[r.id]) for r in requests if r.id in retval]
+    elif isinstance(retval, Sequence) and not isinstance(retval, (str, bytes)):
+        if len(retval) != len(requests):
+            raise ValueError(
+                f"{task.name} returned {len(retval)} results for a batch of "
+                f"{len(requests)} requests; per_request_results needs one "
+                "value per request, in order"
+            )
+        pairs = list(zip(requests, retval))
+    else:
+        raise TypeError(
+            f"{task.name} returned {type(retval).__name__}; per_request_results "
+            "needs a sequence (one value per request) or a mapping of request.id"
+        )
+    for request, value in pairs:
+        if request._outcome is not None:
+            continue
+        if isinstance(value, BaseException):
+            settle_failure(task, request, value)
+        else:
+            settle_success(task, request, value)
+
+
+def _fail_unsettled(
+    task: Task, requests: list[SimpleRequest], exc: BaseException
+) -> None:
+    einfo = exception_info(exc)
+    for request in requests:
+        if request._outcome is None:
+            settle_failure(task, request, exc, einfo=einfo)
+
+
+def _retry_unsettled(
+    task: Task, requests: list[SimpleRequest], exc: BaseException
+) -> None:
+    retry_kwargs = getattr(task, "retry_kwargs", None) or {}
+    for request in requests:
+        if request._outcome is None:
+            request.retry(exc=exc, **retry_kwargs)
+
+
+def _wants_autoretry(task: Task, exc: BaseException) -> bool:
+    autoretry_for = tuple(getattr(task, "autoretry_for", ()) or ())
+    if not autoretry_for or not isinstance(exc, autoretry_for):
+        return False
+    dont = tuple(getattr(task, "dont_autoretry_for", ()) or ())
+    return not (dont and isinstance(exc, dont))
+
+
+def run_batch(
+    task: Task,
+    requests: list[SimpleRequest],
+    *,
+    eager: bool = False,
+    hostname: str | None = None,
+) -> tuple[Any, list[Outcome]]:
+    """Run the body of ``task`` once for ``requests`` and settle every request.
+
+    Returns:
+        The body's return value (``None`` if it raised) and one
+        :data:`Outcome` per request, in order.
+    """
+    batch_id = uuid()
+    body = task.__call__ if _has_custom_call(task) else getattr(
+        task, "_orig_run", task.run
+    )
+    args = [requests]
+    task.push_request(
+        id=batch_id,
+        args=args,
+        kwargs={},
+        hostname=hostname or gethostname(),
+        called_directly=False,
+        is_eager=eager,
+        delivery_info={"is_eager": eager},
+    )
+    push_task, pop_task = current_task_stack()
+    push_task(task)
+    retval: Any = None
+    failed_exc: BaseException | None = None
+    start = time.monotonic()
+    try:
+        if signals.task_prerun.receivers:
+            signals.task_prerun.send(
+                sender=task, task_id=batch_id, task=task, args=args, kwargs={}
+            )
+        try:
+            retval = body(requests)
+            if getattr(task, "per_request_results", False):
+                _distribute(task, requests, retval)
+        # The user's batch body runs here: whatever it raises settles every
+        # request it left unsettled (failure, or retry for autoretry_for),
+        # and the worker goes on with the next batch.
+        except Retry as exc:
+            # task.retry() inside a batch body has no single request to
+            # retry: retry every request the body left unsettled.
+            _retry_unsettled(task, requests, exc.exc or exc)
+        except Exception as exc:
+            failed_exc = exc
+            if _wants_autoretry(task, exc):
+                _retry_unsettled(task, requests, exc)
+            else:
+                logger.error(
+                    "Batch of %d %s requests raised %r",
+                    len(requests),
+                    task.name,
+                    exc,
+                    exc_info=True,
+                )
+                _fail_unsettled(task, requests, exc)
+        else:
+            if signals.task_success.receivers:
+                signals.task_success.send(sender=task, result=retval)
+        runtime = time.monotonic() - start
+        if signals.task_postrun.receivers:
+            signals.task_postrun.send(
+                sender=task,
+                task_id=batch_id,
+                task=task,
+                args=args,
+                kwargs={},
+                retval=failed_exc if failed_exc is not None else retval,
+                state=states.FAILURE if failed_exc is not None else states.SUCCESS,
+            )
+    finally:
+        pop_task()
+        task.pop_request()
+    return retval, [_outcome(r, runtime) for r in requests]
+
+
+def _outcome(request: SimpleRequest, runtime: float) -> Outcome:
+    settled = request._outcome
+    if settled is None:
+        return (0, None, runtime)
+    state, value = settled
+    if state == states.SUCCESS:
+        return (0, saferepr(value), runtime)
+    if state == states.RETRY:
+        return (1, _pickleable(exception_info(Retry(exc=value))), runtime)
+    return (1, _pickleable(value), runtime)
+
+
+def _has_custom_call(task: Task) -> bool:
+    from celery.app.task import Task as BaseTask
+
+    return type(task).__call__ is not BaseTask.__call__
+
+
+def execute_batch(
+    task_name: str, requests: list[SimpleRequest], hostname: str | None = None
+) -> list[Outcome]:
+    """Pool entry point: run the batch task ``task_name`` for ``requests``.
+
+    Module level so that the prefork pool can pickle a reference to it.
+    """
+    task = current_app.tasks[task_name]
+    return run_batch(task, requests, hostname=hostname)[1]
