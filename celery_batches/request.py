@@ -36,6 +36,7 @@ class SimpleRequest:
     __slots__ = (
         "_context",
         "_outcome",
+        "_task",
         "args",
         "chord",
         "correlation_id",
@@ -99,6 +100,8 @@ class SimpleRequest:
         self._context: Context | None = None
         #: ``(state, value)`` once settled in the pool, else ``None``.
         self._outcome: tuple[str, Any] | None = None
+        #: The task running this request, set in the process that runs it.
+        self._task: Task | None = None
 
     @classmethod
     def from_request(cls, request: Request) -> SimpleRequest:
@@ -171,6 +174,8 @@ class SimpleRequest:
     @property
     def task(self) -> Task:
         """The task this request is a call of."""
+        if self._task is not None:
+            return self._task
         name = self.request_dict.get("task") or self.name
         return current_app.tasks[name]  # type: ignore[no-any-return]
 

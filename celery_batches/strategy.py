@@ -78,7 +78,7 @@ def batches_strategy(
     Req = create_request_cls(
         symbol_by_name(task.Request), task, consumer.pool, hostname, eventer, app=app
     )
-    info = app_trace.info if hasattr(app_trace, "info") else logger.info
+    info = logger.info
     log_received = app_trace.LOG_RECEIVED
     task_received = signals.task_received
 

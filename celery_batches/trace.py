@@ -223,6 +223,8 @@ def run_batch(
         :data:`Outcome` per request, in order.
     """
     batch_id = uuid()
+    for request in requests:
+        request._task = task
     body = task.__call__ if _has_custom_call(task) else getattr(
         task, "_orig_run", task.run
     )

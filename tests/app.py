@@ -1,0 +1,224 @@
+"""The Celery app and batch tasks that the integration tests run.
+
+Built by :func:`create_app` in the test process (in-memory transport,
+worker in a thread) and by ``tests.worker_app`` in worker subprocesses
+(Redis, RabbitMQ), from the same code so both sides agree on every task.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from celery import Celery, signals
+
+from celery_batches import Batches, SimpleRequest
+from celery_batches.signals import batch_flushed
+
+__all__ = ["Journal", "create_app"]
+
+
+class Journal:
+    """An append-only file of what happened in a worker, one event a line.
+
+    Lines are written with ``O_APPEND`` in one ``write`` each, so lines from
+    the worker's main process and its pool children never interleave.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def write(self, *fields: object) -> None:
+        line = (" ".join(str(f) for f in fields) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+
+    def lines(self) -> list[list[str]]:
+        try:
+            with open(self.path) as f:
+                return [line.split() for line in f if line.strip()]
+        except FileNotFoundError:
+            return []
+
+    def events(self, kind: str) -> list[list[str]]:
+        return [fields[1:] for fields in self.lines() if fields[0] == kind]
+
+    def ids(self, kind: str) -> list[str]:
+        return [fields[0] for fields in self.events(kind)]
+
+
+def create_app(
+    *,
+    broker: str,
+    backend: str,
+    journal: str,
+    queue: str,
+    **conf: Any,
+) -> Celery:
+    """Return the test app: batch tasks that record what they run in ``journal``."""
+    app = Celery("batches_tests", broker=broker, backend=backend, set_as_current=False)
+    app.conf.update(
+        task_default_queue=queue,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        result_expires=600,
+        worker_send_task_events=False,
+        **conf,
+    )
+    log = Journal(journal)
+
+    def record(requests: list[SimpleRequest]) -> None:
+        for r in requests:
+            log.write("run", r.id, len(requests), os.getpid())
+
+    @app.task(
+        base=Batches,
+        name="tests.collect",
+        flush_every=5,
+        flush_interval=0.5,
+        per_request_results=True,
+        shared=False,
+    )
+    def collect(requests: list[SimpleRequest]) -> list[Any]:
+        record(requests)
+        return [sum(r.args) + sum(r.kwargs.values()) for r in requests]
+
+    @app.task(
+        base=Batches,
+        name="tests.sized",
+        flush_every=5,
+        flush_interval=60,
+        per_request_results=True,
+        shared=False,
+    )
+    def sized(requests: list[SimpleRequest]) -> list[Any]:
+        # The interval is long enough that only a full buffer flushes it.
+        record(requests)
+        return [r.args[0] for r in requests]
+
+    @app.task(base=Batches, name="tests.plain", flush_every=5, flush_interval=0.5, shared=False)
+    def plain(requests: list[SimpleRequest]) -> int:
+        record(requests)
+        return len(requests)
+
+    @app.task(base=Batches, name="tests.boom", flush_every=3, flush_interval=0.5, shared=False)
+    def boom(requests: list[SimpleRequest]) -> None:
+        record(requests)
+        raise ValueError("boom")
+
+    @app.task(base=Batches, name="tests.settle", flush_every=4, flush_interval=0.5, shared=False)
+    def settle(requests: list[SimpleRequest]) -> None:
+        record(requests)
+        for r in requests:
+            if r.args[0] % 2:
+                r.mark_as_failure(KeyError(r.args[0]))
+            else:
+                r.mark_as_done(r.args[0] * 10)
+
+    @app.task(
+        base=Batches,
+        name="tests.late",
+        flush_every=5,
+        flush_interval=0.5,
+        acks_late=True,
+        per_request_results=True,
+        shared=False,
+    )
+    def late(requests: list[SimpleRequest]) -> list[Any]:
+        record(requests)
+        return [r.args[0] for r in requests]
+
+    @app.task(
+        base=Batches,
+        name="tests.sleepy",
+        flush_every=2,
+        flush_interval=0.3,
+        time_limit=2,
+        per_request_results=True,
+        shared=False,
+    )
+    def sleepy(requests: list[SimpleRequest]) -> list[Any]:
+        record(requests)
+        time.sleep(max(r.args[0] for r in requests))
+        return [r.args[0] for r in requests]
+
+    @app.task(
+        base=Batches,
+        name="tests.keyed",
+        flush_every=3,
+        flush_interval=0.5,
+        batch_key="tenant",
+        per_request_results=True,
+        shared=False,
+    )
+    def keyed(requests: list[SimpleRequest]) -> list[Any]:
+        record(requests)
+        tenants = {r.kwargs["tenant"] for r in requests}
+        log.write("keys", requests[0].id, ",".join(sorted(tenants)))
+        return [r.kwargs["tenant"] for r in requests]
+
+    @app.task(
+        base=Batches,
+        name="tests.retrying",
+        flush_every=4,
+        flush_interval=0.3,
+        max_retries=2,
+        shared=False,
+    )
+    def retrying(requests: list[SimpleRequest]) -> None:
+        record(requests)
+        for r in requests:
+            retries = r.request_dict.get("retries") or 0
+            if retries < r.args[0]:
+                r.retry(countdown=0.2)
+            else:
+                r.mark_as_done(retries)
+
+    @app.task(
+        base=Batches,
+        name="tests.big",
+        flush_every=100,
+        flush_interval=2,
+        ignore_result=True,
+        shared=False,
+    )
+    def big(requests: list[SimpleRequest]) -> None:
+        log.write("batch", requests[0].id, len(requests), os.getpid())
+
+    # -- what the worker tells, recorded so the test process can see it ---
+
+    @batch_flushed.connect(weak=False)
+    def on_flushed(sender: Any, size: int, key: Any, reason: str, **kw: Any) -> None:
+        if sender.app is app:
+            log.write("flush", sender.name, size, reason, key)
+
+    @signals.task_failure.connect(weak=False)
+    def on_failure(sender: Any = None, task_id: str = "", exception: Any = None, **kw: Any) -> None:
+        if sender is not None and sender.app is app:
+            log.write("failure", task_id, type(exception).__name__)
+
+    @signals.task_revoked.connect(weak=False)
+    def on_revoked(sender: Any = None, request: Any = None, **kw: Any) -> None:
+        if sender is not None and sender.app is app:
+            log.write("revoked", request.id)
+
+    @signals.task_received.connect(weak=False)
+    def on_received(sender: Any = None, request: Any = None, **kw: Any) -> None:
+        if request is not None and request.task.app is app:
+            log.write("received", request.id)
+
+    @signals.task_prerun.connect(weak=False)
+    def on_prerun(sender: Any = None, task_id: str = "", **kw: Any) -> None:
+        if sender is not None and sender.app is app:
+            log.write("prerun", task_id, sender.name)
+
+    @signals.task_retry.connect(weak=False)
+    def on_retry(sender: Any = None, request: Any = None, **kw: Any) -> None:
+        if sender is not None and sender.app is app:
+            log.write("retry", request.id)
+
+    return app
