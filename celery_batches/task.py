@@ -14,7 +14,7 @@ from .dispatch import dispatch_batch
 from .request import SimpleRequest
 from .step import BatchesStep
 from .strategy import batches_strategy
-from .trace import run_batch
+from .trace import run_batch, unwrap_exception
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -165,6 +165,7 @@ def eager_result(request: SimpleRequest, retval: Any, *, throw: bool) -> EagerRe
     state, value = outcome
     if state == states.FAILURE:
         exc = value.exception
+        exc = unwrap_exception(exc)
         if throw:
             raise exc
         return EagerResult(request.id, exc, state, traceback=value.traceback)

@@ -19,6 +19,7 @@ from celery.utils.serialization import (
 from kombu.utils.uuid import uuid
 
 from ._compat import current_task_stack
+from .results import active_writer, writing_results
 
 if TYPE_CHECKING:
     from celery.app.task import Task
@@ -31,6 +32,7 @@ __all__ = [
     "run_batch",
     "settle_failure",
     "settle_success",
+    "unwrap_exception",
 ]
 
 logger = get_logger(__name__)
@@ -72,9 +74,13 @@ def settle_success(task: Task, request: SimpleRequest, result: Any) -> None:
         next_step.apply_async(
             (result,), chain=chain[:-1], parent_id=request.id, root_id=ctx.root_id
         )
-    task.backend.mark_as_done(
-        request.id, result, request=ctx, store_result=not request.ignore_result
-    )
+    writer = active_writer()
+    if writer is not None and writer.accepts(request):
+        writer.add(request, result)
+    else:
+        task.backend.mark_as_done(
+            request.id, result, request=ctx, store_result=not request.ignore_result
+        )
     request._outcome = (states.SUCCESS, result)
     if signals.task_success.receivers:
         _push_context(task, request)
@@ -138,6 +144,18 @@ def exception_info(exc: BaseException) -> ExceptionInfo:
         except BaseException:
             return ExceptionInfo()
     return ExceptionInfo((type(exc), exc, exc.__traceback__))
+
+
+def unwrap_exception(exc: BaseException) -> BaseException:
+    """Return the user's exception from one billiard wrapped with its traceback."""
+    # billiard >= 4.1 wraps ExceptionInfo.exception to carry the traceback
+    # across processes; older releases have no wrapper.
+    inner = getattr(exc, "exc", None)
+    if isinstance(inner, BaseException) and type(exc).__name__ == (
+        "ExceptionWithTraceback"
+    ):
+        return inner
+    return exc
 
 
 def _pickleable(einfo: ExceptionInfo) -> ExceptionInfo:
@@ -240,42 +258,19 @@ def run_batch(
     )
     push_task, pop_task = current_task_stack()
     push_task(task)
-    retval: Any = None
-    failed_exc: BaseException | None = None
     start = time.monotonic()
+    runtime = 0.0
     try:
-        if signals.task_prerun.receivers:
-            signals.task_prerun.send(
-                sender=task, task_id=batch_id, task=task, args=args, kwargs={}
-            )
-        try:
-            retval = body(requests)
-            if getattr(task, "per_request_results", False):
-                _distribute(task, requests, retval)
-        # The user's batch body runs here: whatever it raises settles every
-        # request it left unsettled (failure, or retry for autoretry_for),
-        # and the worker goes on with the next batch.
-        except Retry as exc:
-            # task.retry() inside a batch body has no single request to
-            # retry: retry every request the body left unsettled.
-            _retry_unsettled(task, requests, exc.exc or exc)
-        except Exception as exc:
-            failed_exc = exc
-            if _wants_autoretry(task, exc):
-                _retry_unsettled(task, requests, exc)
-            else:
-                logger.error(
-                    "Batch of %d %s requests raised %r",
-                    len(requests),
-                    task.name,
-                    exc,
-                    exc_info=True,
+        # Results collected for one round trip are stored when this block
+        # ends, before the batch counts as done: with acks_late, before its
+        # messages are acked.
+        with writing_results(task.backend):
+            if signals.task_prerun.receivers:
+                signals.task_prerun.send(
+                    sender=task, task_id=batch_id, task=task, args=args, kwargs={}
                 )
-                _fail_unsettled(task, requests, exc)
-        else:
-            if signals.task_success.receivers:
-                signals.task_success.send(sender=task, result=retval)
-        runtime = time.monotonic() - start
+            retval, failed_exc = _call_body(task, body, requests)
+            runtime = time.monotonic() - start
         if signals.task_postrun.receivers:
             signals.task_postrun.send(
                 sender=task,
@@ -290,6 +285,36 @@ def run_batch(
         pop_task()
         task.pop_request()
     return retval, [_outcome(r, runtime) for r in requests]
+
+
+def _call_body(
+    task: Task, body: Any, requests: list[SimpleRequest]
+) -> tuple[Any, BaseException | None]:
+    """Call the batch body; settle what it leaves unsettled if it raises."""
+    try:
+        retval = body(requests)
+        if getattr(task, "per_request_results", False):
+            _distribute(task, requests, retval)
+    # The user's batch body runs here: whatever it raises settles every
+    # request it left unsettled (failure, or retry for autoretry_for), and
+    # the worker goes on with the next batch.
+    except Exception as exc:
+        if isinstance(exc, Retry) or _wants_autoretry(task, exc):
+            cause = exc.exc if isinstance(exc, Retry) and exc.exc else exc
+            _retry_unsettled(task, requests, cause)
+        else:
+            logger.error(
+                "Batch of %d %s requests raised %r",
+                len(requests),
+                task.name,
+                exc,
+                exc_info=True,
+            )
+            _fail_unsettled(task, requests, exc)
+        return None, exc
+    if signals.task_success.receivers:
+        signals.task_success.send(sender=task, result=retval)
+    return retval, None
 
 
 def _outcome(request: SimpleRequest, runtime: float) -> Outcome:

@@ -1,0 +1,131 @@
+"""Storing a batch's results in one round trip where the backend allows it."""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+from celery import states
+from celery.utils.log import get_logger
+
+if TYPE_CHECKING:
+    from celery.backends.base import Backend
+
+    from .request import SimpleRequest
+
+__all__ = ["ResultWriter", "active_writer", "writing_results"]
+
+logger = get_logger(__name__)
+
+_local = threading.local()
+
+
+def active_writer() -> ResultWriter | None:
+    """Return the writer of the batch running in this thread, if any."""
+    return getattr(_local, "writer", None)
+
+
+class ResultWriter:
+    """Collects the SUCCESS results of one batch and stores them together.
+
+    On a Redis result backend the batch's results are written with one
+    ``MGET`` (so a result already stored as SUCCESS is never overwritten,
+    as Celery itself guarantees) and one pipeline of ``SET`` and
+    ``PUBLISH``: two round trips per batch instead of two per request.
+    Other backends store each result as it is settled.
+    """
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.pending: list[tuple[SimpleRequest, Any]] = []
+
+    @classmethod
+    def for_backend(cls, backend: Backend) -> ResultWriter | None:
+        """Return a writer if ``backend`` can take many results at once."""
+        from celery.backends.redis import RedisBackend
+
+        if isinstance(backend, RedisBackend) and hasattr(backend, "_get_result_meta"):
+            return cls(backend)
+        return None
+
+    def accepts(self, request: SimpleRequest) -> bool:
+        """Whether ``request``'s result can wait for the batch to end.
+
+        Chord members go to the backend at once: the chord counts them
+        there.
+        """
+        return not request.ignore_result and not request.context.chord
+
+    def add(self, request: SimpleRequest, result: Any) -> None:
+        self.pending.append((request, result))
+
+    def flush(self) -> None:
+        """Store every collected result."""
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        try:
+            self._store_redis(pending)
+        except Exception:
+            # One failed pipeline must not lose the batch's results: store
+            # them one by one, as Celery would have.
+            logger.warning(
+                "Storing %d results in one pipeline failed; storing one by one",
+                len(pending),
+                exc_info=True,
+            )
+            for request, result in pending:
+                try:
+                    self.backend.mark_as_done(
+                        request.id, result, request=request.context
+                    )
+                except Exception:
+                    logger.error(
+                        "Cannot store the result of %s[%s]",
+                        request.name,
+                        request.id,
+                        exc_info=True,
+                    )
+
+    def _store_redis(self, pending: list[tuple[SimpleRequest, Any]]) -> None:
+        backend: Any = self.backend
+        keys = [backend.get_key_for_task(request.id) for request, _ in pending]
+        current = backend.ensure(backend.mget, (keys,))
+        expires = backend.expires
+        with backend.client.pipeline() as pipe:
+            for (request, result), key, stored in zip(pending, keys, current):
+                if stored is not None:
+                    meta = backend.decode_result(stored)
+                    if meta.get("status") == states.SUCCESS:
+                        continue
+                meta = backend._get_result_meta(
+                    result=backend.encode_result(result, states.SUCCESS),
+                    state=states.SUCCESS,
+                    traceback=None,
+                    request=request.context,
+                )
+                meta["task_id"] = request.id
+                value = backend.encode(meta)
+                if expires:
+                    pipe.setex(key, expires, value)
+                else:
+                    pipe.set(key, value)
+                pipe.publish(key, value)
+            pipe.execute()
+
+
+class writing_results:
+    """Context manager: settle results of the batch run in this thread in bulk."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.writer = ResultWriter.for_backend(backend)
+
+    def __enter__(self) -> ResultWriter | None:
+        self.previous = active_writer()
+        _local.writer = self.writer
+        return self.writer
+
+    def __exit__(self, *exc_info: object) -> None:
+        _local.writer = self.previous
+        if self.writer is not None:
+            self.writer.flush()

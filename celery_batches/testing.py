@@ -1,0 +1,75 @@
+"""Run a batch task's body on a list of calls, in process, for unit tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from kombu.utils.uuid import uuid
+
+from .task import eager_request, eager_result
+from .trace import run_batch
+
+if TYPE_CHECKING:
+    from celery.result import EagerResult
+
+    from .task import Batches
+
+__all__ = ["Call", "apply_batch", "call"]
+
+
+class Call(NamedTuple):
+    """One call of a batch task: positional and keyword arguments, and options."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    options: dict[str, Any]
+
+
+def call(*args: Any, **kwargs: Any) -> Call:
+    """Describe one call: ``call(1, 2, x=3)`` is ``task.delay(1, 2, x=3)``."""
+    return Call(args, kwargs, {})
+
+
+def _as_call(item: Call | tuple[Any, ...] | Mapping[str, Any] | Any) -> Call:
+    if isinstance(item, Call):
+        return item
+    if isinstance(item, tuple):
+        return Call(item, {}, {})
+    if isinstance(item, Mapping):
+        return Call((), dict(item), {})
+    return Call((item,), {}, {})
+
+
+def apply_batch(
+    task: Batches,
+    calls: Iterable[Call | tuple[Any, ...] | Mapping[str, Any] | Any],
+    *,
+    throw: bool = False,
+) -> list[EagerResult]:
+    """Run ``task``'s body once, in this process, with one request per call.
+
+    The batch runs as the worker would run it: signals fire, requests the
+    body settles keep their outcome, ``per_request_results`` is honoured, and
+    a body that raises fails every request it left unsettled. No worker or
+    broker is needed; results go to the app's result backend only where the
+    body stores them (``mark_as_done`` and friends).
+
+    Arguments:
+        task: the batch task.
+        calls: one item per call: a :func:`call`, a tuple of positional
+            arguments, a mapping of keyword arguments, or a single argument.
+        throw: raise the first failed request's exception instead of
+            returning its result.
+
+    Returns:
+        One :class:`~celery.result.EagerResult` per call, in order.
+    """
+    requests = []
+    for item in calls:
+        spec = _as_call(item)
+        requests.append(
+            eager_request(task, uuid(), spec.args, spec.kwargs, spec.options)
+        )
+    retval, _ = run_batch(task, requests, eager=True)
+    return [eager_result(request, retval, throw=throw) for request in requests]
