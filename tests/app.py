@@ -189,6 +189,91 @@ def create_app(
     def big(requests: list[SimpleRequest]) -> None:
         log.write("batch", requests[0].id, len(requests), os.getpid())
 
+    @app.task(name="tests.total", shared=False)
+    def total(values: list[int]) -> int:
+        # A plain task, for chord callbacks over batch members.
+        return sum(values)
+
+    # -- the fault suite's tasks (tests/fault), all named tests.fault_* ----
+
+    gate = journal + ".gate"
+
+    def wait_at_gate() -> None:
+        # Keeps a batch running while a fault test kills its process. The
+        # wait is bounded so that a child orphaned by a kill -9 of its
+        # parent never outlives the test run.
+        deadline = time.monotonic() + 60
+        while os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    @app.task(
+        base=Batches,
+        name="tests.fault_hold",
+        flush_every=100,
+        flush_interval=3,
+        per_request_results=True,
+        shared=False,
+    )
+    def fault_hold(requests: list[SimpleRequest]) -> list[Any]:
+        # Calls sit in the buffer for seconds: long enough for a test to
+        # stop the worker or the broker while they wait.
+        record(requests)
+        return [r.args[0] for r in requests]
+
+    @app.task(
+        base=Batches,
+        name="tests.fault_late_requeue",
+        flush_every=4,
+        flush_interval=0.5,
+        acks_late=True,
+        reject_on_worker_lost=True,
+        per_request_results=True,
+        shared=False,
+    )
+    def fault_late_requeue(requests: list[SimpleRequest]) -> list[Any]:
+        record(requests)
+        wait_at_gate()
+        return [r.args[0] for r in requests]
+
+    @app.task(
+        base=Batches,
+        name="tests.fault_late_lost",
+        flush_every=4,
+        flush_interval=0.5,
+        acks_late=True,
+        per_request_results=True,
+        shared=False,
+    )
+    def fault_late_lost(requests: list[SimpleRequest]) -> list[Any]:
+        record(requests)
+        wait_at_gate()
+        return [r.args[0] for r in requests]
+
+    @app.task(
+        base=Batches,
+        name="tests.fault_restart",
+        flush_every=8,
+        flush_interval=2,
+        per_request_results=True,
+        shared=False,
+    )
+    def fault_restart(requests: list[SimpleRequest]) -> list[Any]:
+        record(requests)
+        return [r.args[0] for r in requests]
+
+    @app.task(
+        base=Batches,
+        name="tests.fault_deep",
+        flush_every=100,
+        flush_interval=2,
+        ignore_result=True,
+        shared=False,
+    )
+    def fault_deep(requests: list[SimpleRequest]) -> None:
+        # tests.big's twin that journals every call, so a deep queue can
+        # be checked for calls run twice or never.
+        record(requests)
+
     # -- what the worker tells, recorded so the test process can see it ---
 
     @batch_flushed.connect(weak=False)

@@ -154,9 +154,14 @@ def start_subprocess_worker(
     conf: dict[str, Any] | None = None,
     extra_env: dict[str, str] | None = None,
     loglevel: str = "INFO",
+    urls: tuple[str, str] | None = None,
 ) -> Worker:
-    """Start ``celery worker`` in a subprocess and wait until it is ready."""
-    url, backend = _servers_for(broker)
+    """Start ``celery worker`` in a subprocess and wait until it is ready.
+
+    ``urls`` (broker, result backend) replaces the servers of ``broker``,
+    e.g. with a broker that a fault test starts and restarts itself.
+    """
+    url, backend = urls if urls is not None else _servers_for(broker)
     queue = queue or f"q-{uuid()}"
     conf = conf or {}
     log_path = journal_path + f".{uuid()[:8]}.log"
@@ -254,7 +259,12 @@ def worker(request: pytest.FixtureRequest, journal_dir: str) -> Iterator[Worker]
 @pytest.fixture(params=[1, 2], ids=["proto1", "proto2"])
 def protocol(request: pytest.FixtureRequest, worker: Worker) -> Iterator[int]:
     """Send the test's calls with task protocol 1, then 2."""
+    amqp = worker.app.amqp
     previous = worker.app.conf.task_protocol
+    # Celery picks the message format once per app (a cached property of
+    # app.amqp); forget it so the new protocol takes effect.
     worker.app.conf.task_protocol = request.param
+    amqp.__dict__.pop("create_task_message", None)
     yield request.param
     worker.app.conf.task_protocol = previous
+    amqp.__dict__.pop("create_task_message", None)
