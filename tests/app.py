@@ -61,14 +61,15 @@ def create_app(
 ) -> Celery:
     """Return the test app: batch tasks that record what they run in ``journal``."""
     app = Celery("batches_tests", broker=broker, backend=backend, set_as_current=False)
-    app.conf.update(
-        task_default_queue=queue,
-        worker_hijack_root_logger=False,
-        broker_connection_retry_on_startup=True,
-        result_expires=600,
-        worker_send_task_events=False,
-        **conf,
-    )
+    settings: dict[str, Any] = {
+        "task_default_queue": queue,
+        "worker_hijack_root_logger": False,
+        "broker_connection_retry_on_startup": True,
+        "result_expires": 600,
+        "worker_send_task_events": False,
+    }
+    settings.update(conf)
+    app.conf.update(settings)
     log = Journal(journal)
 
     def record(requests: list[SimpleRequest]) -> None:

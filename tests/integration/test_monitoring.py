@@ -1,0 +1,152 @@
+"""Every request is visible to Celery's tools: events, inspect, rpc results."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from kombu.utils.uuid import uuid
+
+from tests.conftest import (
+    Worker,
+    start_subprocess_worker,
+    stop_subprocess_worker,
+    thread_worker,
+    wait_for,
+)
+
+DEDICATED = [("memory", "solo"), ("redis", "prefork"), ("rabbitmq", "prefork")]
+
+
+def _dedicated(broker: str, pool: str, journal: str, **conf: Any) -> Iterator[Worker]:
+    if broker == "memory":
+        with thread_worker(pool, journal, **conf) as w:
+            yield w
+        return
+    w = start_subprocess_worker(broker, pool, journal, conf=conf)
+    try:
+        yield w
+    finally:
+        stop_subprocess_worker(w)
+
+
+@pytest.fixture(scope="module", params=DEDICATED, ids=[f"{b}-{p}" for b, p in DEDICATED])
+def events_worker(request: pytest.FixtureRequest, journal_dir: str) -> Iterator[Worker]:
+    broker, pool = request.param
+    journal = os.path.join(journal_dir, f"events-{broker}-{pool}.journal")
+    yield from _dedicated(broker, pool, journal, worker_send_task_events=True)
+
+
+@pytest.fixture(scope="module", params=DEDICATED, ids=[f"{b}-{p}" for b, p in DEDICATED])
+def rpc_worker(request: pytest.FixtureRequest, journal_dir: str) -> Iterator[Worker]:
+    broker, pool = request.param
+    journal = os.path.join(journal_dir, f"rpc-{broker}-{pool}.journal")
+    yield from _dedicated(broker, pool, journal, result_backend="rpc://")
+
+
+class EventLog:
+    """Captures task events with a real event receiver, in a thread."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.app = worker.app
+        self.events: dict[str, list[str]] = defaultdict(list)
+        self.lock = threading.Lock()
+        self.marker = f"test-ready-{uuid()}"
+        self.conn = self.app.connection_for_read()
+        self.receiver = self.app.events.Receiver(self.conn, handlers={"*": self.on_event})
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        with self.lock:
+            key = event.get("uuid") or event.get("marker") or ""
+            self.events[key].append(event["type"])
+
+    def _run(self) -> None:
+        self.receiver.capture(limit=None, timeout=None, wakeup=False)
+
+    def __enter__(self) -> EventLog:
+        self.thread.start()
+        # The receiver's queue exists once it hears our own event.
+        with self.app.events.default_dispatcher() as dispatcher:
+            def heard() -> bool:
+                dispatcher.send("test-ready", marker=self.marker)
+                return bool(self.types(self.marker))
+
+            wait_for(heard, timeout=20, interval=0.2, what="event receiver ready")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.receiver.should_stop = True
+        self.thread.join(10)
+        self.conn.release()
+
+    def types(self, task_id: str) -> list[str]:
+        with self.lock:
+            return list(self.events.get(task_id, ()))
+
+
+def test_each_request_emits_its_own_events(events_worker: Worker) -> None:
+    app = events_worker.app
+    with EventLog(events_worker) as log:
+        # given calls that succeed, fail and retry, in batches
+        ok = [app.tasks["tests.collect"].delay(i) for i in range(3)]
+        bad = [app.tasks["tests.boom"].delay(i) for i in range(3)]
+        retried = app.tasks["tests.retrying"].delay(1)
+        # then each request has its own received/started/outcome events
+        for r in ok:
+            wait_for(lambda r=r: "task-succeeded" in log.types(r.id), what=f"succeeded {r.id}")
+            assert log.types(r.id)[:2] == ["task-received", "task-started"]
+        for r in bad:
+            wait_for(lambda r=r: "task-failed" in log.types(r.id), what=f"failed {r.id}")
+            assert log.types(r.id)[:2] == ["task-received", "task-started"]
+        wait_for(lambda: "task-retried" in log.types(retried.id), what="task-retried")
+        wait_for(lambda: "task-succeeded" in log.types(retried.id), what="retry succeeded")
+
+
+def test_inspect_lists_buffered_and_running_requests(events_worker: Worker) -> None:
+    app = events_worker.app
+    inspect = app.control.inspect(timeout=3)
+    # given three calls waiting in a buffer that flushes at five
+    sized = app.tasks["tests.sized"]
+    waiting = [sized.delay(i) for i in range(3)]
+
+    def reserved_ids() -> set[str]:
+        replies = inspect.reserved() or {}
+        return {req["id"] for reqs in replies.values() for req in reqs}
+
+    # then `inspect reserved` lists them
+    wait_for(lambda: {r.id for r in waiting} <= reserved_ids(), what="reserved")
+    rest = [sized.delay(i) for i in range(3, 5)]
+    assert [r.get(timeout=20) for r in waiting + rest] == list(range(5))
+
+    # given a batch that runs for a while
+    sleepy = app.tasks["tests.sleepy"]
+    running = [sleepy.delay(1.5), sleepy.delay(1.5)]
+    wait_for(
+        lambda: all(events_worker.runs(r.id) for r in running), what="batch started"
+    )
+
+    def active_ids() -> set[str]:
+        replies = inspect.active() or {}
+        return {req["id"] for reqs in replies.values() for req in reqs}
+
+    # then `inspect active` lists each of its requests
+    if events_worker.pool != "solo":  # a solo worker cannot answer while busy
+        assert {r.id for r in running} <= active_ids()
+    assert [r.get(timeout=20) for r in running] == [1.5, 1.5]
+
+
+def test_rpc_results_reach_the_caller(rpc_worker: Worker) -> None:
+    app = rpc_worker.app
+    assert app.conf.result_backend == "rpc://"
+    ok = [app.tasks["tests.collect"].delay(i, 1) for i in range(3)]
+    settled = [app.tasks["tests.settle"].delay(i) for i in range(4)]
+    assert [r.get(timeout=20) for r in ok] == [i + 1 for i in range(3)]
+    assert settled[0].get(timeout=20) == 0
+    assert settled[2].get(timeout=20) == 20
+    with pytest.raises(KeyError):
+        settled[1].get(timeout=20)
