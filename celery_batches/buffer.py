@@ -58,7 +58,10 @@ class BatchBuffer(Generic[T]):
         return None
 
     def take(self, key: Hashable = None) -> list[T]:
-        """Remove and return up to ``flush_every`` of ``key``'s requests, oldest first."""
+        """Remove and return the oldest ``flush_every`` requests of ``key``.
+
+        Returns fewer if fewer wait, and an empty list if none do.
+        """
         queue = self._queues.get(key)
         if not queue:
             return []

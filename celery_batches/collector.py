@@ -34,7 +34,7 @@ def collectors_of(consumer: Consumer) -> dict[str, BatchCollector]:
     )
     if registry is None:
         registry = {}
-        consumer._batch_collectors = registry  # type: ignore[attr-defined]
+        consumer._batch_collectors = registry
     return registry
 
 
@@ -60,7 +60,7 @@ def _key_function(task: Batches) -> KeyFunction | None:
         # The key function sees what the body will see; keep the snapshot
         # so the flush does not build it a second time.
         simple = SimpleRequest.from_request(request)
-        request._batches_simple = simple  # type: ignore[attr-defined]
+        request._batches_simple = simple
         return user_key(simple)
 
     return by_callable

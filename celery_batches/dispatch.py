@@ -86,9 +86,7 @@ class BatchJob:
             try:
                 request.on_success(outcome)
             except Exception:
-                logger.exception(
-                    "Error settling %s[%s]", request.name, request.id
-                )
+                logger.exception("Error settling %s[%s]", request.name, request.id)
 
     def on_failure(self, exc_info: ExceptionInfo) -> None:
         """The pool lost the batch (worker lost, hard time limit, terminated)."""
@@ -167,8 +165,7 @@ def _execute_in_process(
 
 def _reject_unpicklable(task: Task, request: Request, exc: Exception) -> None:
     error = InvalidTaskError(
-        f"arguments of {request.name}[{request.id}] cannot be sent to the "
-        f"pool: {exc!r}"
+        f"arguments of {request.name}[{request.id}] cannot be sent to the pool: {exc!r}"
     )
     logger.error("Rejecting %s[%s]: %s", request.name, request.id, error)
     task.backend.mark_as_failure(

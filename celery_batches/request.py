@@ -177,7 +177,7 @@ class SimpleRequest:
         if self._task is not None:
             return self._task
         name = self.request_dict.get("task") or self.name
-        return current_app.tasks[name]  # type: ignore[no-any-return]
+        return current_app.tasks[name]
 
     def mark_as_done(self, result: Any) -> None:
         """Store ``result`` as this request's result, as a plain task would.
@@ -190,9 +190,7 @@ class SimpleRequest:
 
         settle_success(self.task, self, result)
 
-    def mark_as_failure(
-        self, exc: BaseException, traceback: str | None = None
-    ) -> None:
+    def mark_as_failure(self, exc: BaseException, traceback: str | None = None) -> None:
         """Store ``exc`` as this request's failure, as a plain task would.
 
         ``link_error`` callbacks run, a chord counts this member as failed,
@@ -256,9 +254,7 @@ class SimpleRequest:
             task.backend.mark_as_retry(self.id, reason, request=ctx)
         self._outcome = (states.RETRY, reason)
         if signals.task_retry.receivers:
-            signals.task_retry.send(
-                sender=task, request=ctx, reason=reason, einfo=None
-            )
+            signals.task_retry.send(sender=task, request=ctx, reason=reason, einfo=None)
 
 
 class RetryRequested(Exception):

@@ -18,7 +18,7 @@ __all__ = ["BatchesStep"]
 logger = get_logger(__name__)
 
 
-class BatchesStep(bootsteps.StartStopStep):
+class BatchesStep(bootsteps.StartStopStep):  # type: ignore[misc]
     """Looks after buffered requests when the consumer stops.
 
     Added to the worker by :class:`~celery_batches.Batches` itself. On a

@@ -47,9 +47,7 @@ def _fail_malformed(
     task_id = headers.get("id")
     if task_id is None and isinstance(body, dict):
         task_id = body.get("id")
-    error = InvalidTaskError(
-        f"Malformed message for batch task {task.name}: {exc!r}"
-    )
+    error = InvalidTaskError(f"Malformed message for batch task {task.name}: {exc!r}")
     if task_id:
         try:
             task.backend.mark_as_failure(task_id, error, store_result=True)
@@ -111,9 +109,7 @@ def batches_strategy(
                     uses_utc_timezone(),
                 )
             elif "args" in message.payload:
-                body, headers, decoded, utc = hybrid_to_proto2(
-                    message, message.payload
-                )
+                body, headers, decoded, utc = hybrid_to_proto2(message, message.payload)
             else:
                 body, headers, decoded, utc = proto1_to_proto2(message, body)
             req = Req(

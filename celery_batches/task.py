@@ -33,8 +33,7 @@ class Batches(Task):  # type: ignore[misc]
     calls are waiting or ``flush_interval`` seconds have passed::
 
         @app.task(base=Batches, flush_every=100, flush_interval=10)
-        def count_click(requests):
-            ...
+        def count_click(requests): ...
 
     Every option can be set in the decorator, as for any Celery task.
     """
@@ -75,7 +74,7 @@ class Batches(Task):  # type: ignore[misc]
         super().on_bound(app)
         app.steps["consumer"].add(BatchesStep)
 
-    def Strategy(self, task: Batches, app: Celery, consumer: Consumer) -> Any:  # noqa: N802
+    def Strategy(self, task: Batches, app: Celery, consumer: Consumer) -> Any:
         """Return the worker's message handler for this task (buffers messages)."""
         return batches_strategy(task, app, consumer)
 

@@ -166,9 +166,7 @@ def _pickleable(einfo: ExceptionInfo) -> ExceptionInfo:
     return einfo
 
 
-def _distribute(
-    task: Task, requests: list[SimpleRequest], retval: Any
-) -> None:
+def _distribute(task: Task, requests: list[SimpleRequest], retval: Any) -> None:
     """Store one value per request from the body's return value."""
     if isinstance(retval, Mapping):
         known = {r.id for r in requests}
@@ -243,8 +241,10 @@ def run_batch(
     batch_id = uuid()
     for request in requests:
         request._task = task
-    body = task.__call__ if _has_custom_call(task) else getattr(
-        task, "_orig_run", task.run
+    body = (
+        task.__call__
+        if _has_custom_call(task)
+        else getattr(task, "_orig_run", task.run)
     )
     args = [requests]
     task.push_request(

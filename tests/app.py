@@ -101,17 +101,31 @@ def create_app(
         record(requests)
         return [r.args[0] for r in requests]
 
-    @app.task(base=Batches, name="tests.plain", flush_every=5, flush_interval=0.5, shared=False)
+    @app.task(
+        base=Batches,
+        name="tests.plain",
+        flush_every=5,
+        flush_interval=0.5,
+        shared=False,
+    )
     def plain(requests: list[SimpleRequest]) -> int:
         record(requests)
         return len(requests)
 
-    @app.task(base=Batches, name="tests.boom", flush_every=3, flush_interval=0.5, shared=False)
+    @app.task(
+        base=Batches, name="tests.boom", flush_every=3, flush_interval=0.5, shared=False
+    )
     def boom(requests: list[SimpleRequest]) -> None:
         record(requests)
         raise ValueError("boom")
 
-    @app.task(base=Batches, name="tests.settle", flush_every=4, flush_interval=0.5, shared=False)
+    @app.task(
+        base=Batches,
+        name="tests.settle",
+        flush_every=4,
+        flush_interval=0.5,
+        shared=False,
+    )
     def settle(requests: list[SimpleRequest]) -> None:
         record(requests)
         for r in requests:
@@ -283,7 +297,9 @@ def create_app(
             log.write("flush", sender.name, size, reason, key)
 
     @signals.task_failure.connect(weak=False)
-    def on_failure(sender: Any = None, task_id: str = "", exception: Any = None, **kw: Any) -> None:
+    def on_failure(
+        sender: Any = None, task_id: str = "", exception: Any = None, **kw: Any
+    ) -> None:
         if sender is not None and sender.app is app:
             log.write("failure", task_id, type(exception).__name__)
 

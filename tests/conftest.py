@@ -39,7 +39,9 @@ REDIS_BACKEND = REDIS_URL.rsplit("/", 1)[0] + "/1"
 
 
 def wait_for(
-    predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05,
+    predicate: Callable[[], Any],
+    timeout: float = 20.0,
+    interval: float = 0.05,
     what: str = "condition",
 ) -> Any:
     """Poll ``predicate`` until it is truthy; fail the test after ``timeout``."""
@@ -124,14 +126,15 @@ def _servers_for(broker: str) -> tuple[str, str]:
 
 
 @contextmanager
-def thread_worker(
-    pool: str, journal_path: str, **conf: Any
-) -> Iterator[Worker]:
+def thread_worker(pool: str, journal_path: str, **conf: Any) -> Iterator[Worker]:
     """A worker in a thread of this process, on the in-memory transport."""
     queue = f"q-{uuid()}"
     app = create_app(
-        broker="memory://", backend="cache+memory://", journal=journal_path,
-        queue=queue, **conf,
+        broker="memory://",
+        backend="cache+memory://",
+        journal=journal_path,
+        queue=queue,
+        **conf,
     )
     with start_worker(
         app,
@@ -176,17 +179,37 @@ def start_subprocess_worker(
         **(extra_env or {}),
     }
     cmd = [
-        sys.executable, "-m", "celery", "-A", "tests.worker_app", "worker",
-        "-P", pool, "-c", str(concurrency if pool != "solo" else 1),
-        "-n", f"w{uuid()[:8]}@%h", "-Q", queue,
-        "--without-gossip", "--without-mingle", "--without-heartbeat",
-        "-l", loglevel, "--logfile", log_path,
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "tests.worker_app",
+        "worker",
+        "-P",
+        pool,
+        "-c",
+        str(concurrency if pool != "solo" else 1),
+        "-n",
+        f"w{uuid()[:8]}@%h",
+        "-Q",
+        queue,
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+        "-l",
+        loglevel,
+        "--logfile",
+        log_path,
     ]
     process = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
     )
-    app = create_app(broker=url, backend=backend, journal=journal_path, queue=queue, **conf)
-    worker = Worker(broker, pool, app, Journal(journal_path), queue, log_path, process, env)
+    app = create_app(
+        broker=url, backend=backend, journal=journal_path, queue=queue, **conf
+    )
+    worker = Worker(
+        broker, pool, app, Journal(journal_path), queue, log_path, process, env
+    )
 
     def ready() -> bool:
         if process.poll() is not None:
@@ -197,7 +220,9 @@ def start_subprocess_worker(
     return worker
 
 
-def stop_subprocess_worker(worker: Worker, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+def stop_subprocess_worker(
+    worker: Worker, sig: int = signal.SIGTERM, timeout: float = 60
+) -> int:
     """Stop the worker with ``sig``; return its exit code."""
     process = worker.process
     assert process is not None
@@ -208,7 +233,9 @@ def stop_subprocess_worker(worker: Worker, sig: int = signal.SIGTERM, timeout: f
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(10)
-            raise AssertionError(f"worker did not stop on {sig!r}:\n{worker.log()}")
+            raise AssertionError(
+                f"worker did not stop on {sig!r}:\n{worker.log()}"
+            ) from None
     _delete_queue(worker)
     return process.returncode
 
@@ -238,9 +265,7 @@ def journal_dir() -> Iterator[str]:
         yield path
 
 
-@pytest.fixture(
-    scope="session", params=WORKERS, ids=[f"{b}-{p}" for b, p in WORKERS]
-)
+@pytest.fixture(scope="session", params=WORKERS, ids=[f"{b}-{p}" for b, p in WORKERS])
 def worker(request: pytest.FixtureRequest, journal_dir: str) -> Iterator[Worker]:
     """A worker shared by the tests of one broker and pool."""
     broker, pool = request.param

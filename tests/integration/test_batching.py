@@ -7,7 +7,9 @@ from collections import Counter
 from tests.conftest import Worker, wait_for
 
 
-def test_full_batches_flush_by_size_and_store_each_result(worker: Worker, protocol: int) -> None:
+def test_full_batches_flush_by_size_and_store_each_result(
+    worker: Worker, protocol: int
+) -> None:
     # given a batch task with flush_every=5 and an interval too long to matter
     task = worker.app.tasks["tests.sized"]
     # when ten calls are sent
@@ -27,7 +29,11 @@ def test_interval_flushes_a_partial_batch(worker: Worker, protocol: int) -> None
     task = worker.app.tasks["tests.collect"]
     results = [task.delay(1, kw=i) for i in range(3)]
     assert [r.get(timeout=20) for r in results] == [1 + i for i in range(3)]
-    sizes = {int(f[1]) for f in worker.journal.events("run") if f[0] in {r.id for r in results}}
+    sizes = {
+        int(f[1])
+        for f in worker.journal.events("run")
+        if f[0] in {r.id for r in results}
+    }
     assert sizes == {3}
 
 

@@ -11,7 +11,9 @@ from kombu.utils.uuid import uuid
 from tests.conftest import Worker, wait_for
 
 
-def test_request_retry_runs_the_call_again_with_the_same_id(worker: Worker, protocol: int) -> None:
+def test_request_retry_runs_the_call_again_with_the_same_id(
+    worker: Worker, protocol: int
+) -> None:
     task = worker.app.tasks["tests.retrying"]
     # given a call whose first run asks for one retry
     result = task.delay(1)
@@ -21,7 +23,9 @@ def test_request_retry_runs_the_call_again_with_the_same_id(worker: Worker, prot
     wait_for(lambda: result.id in worker.journal.ids("retry"), what="task_retry")
 
 
-def test_retry_past_max_retries_fails_the_request(worker: Worker, protocol: int) -> None:
+def test_retry_past_max_retries_fails_the_request(
+    worker: Worker, protocol: int
+) -> None:
     task = worker.app.tasks["tests.retrying"]
     # given a call that retries more often than max_retries=2 allows
     result = task.delay(5)
@@ -42,7 +46,9 @@ def test_batch_key_never_mixes_keys(worker: Worker, protocol: int) -> None:
     assert keys and all(k in {"a", "b"} for k in keys)
 
 
-def test_countdown_holds_the_call_until_it_is_due(worker: Worker, protocol: int) -> None:
+def test_countdown_holds_the_call_until_it_is_due(
+    worker: Worker, protocol: int
+) -> None:
     task = worker.app.tasks["tests.collect"]
     sent = time.monotonic()
     result = task.apply_async((2, 3), countdown=1.5)

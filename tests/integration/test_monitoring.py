@@ -34,14 +34,18 @@ def _dedicated(broker: str, pool: str, journal: str, **conf: Any) -> Iterator[Wo
         stop_subprocess_worker(w)
 
 
-@pytest.fixture(scope="module", params=DEDICATED, ids=[f"{b}-{p}" for b, p in DEDICATED])
+@pytest.fixture(
+    scope="module", params=DEDICATED, ids=[f"{b}-{p}" for b, p in DEDICATED]
+)
 def events_worker(request: pytest.FixtureRequest, journal_dir: str) -> Iterator[Worker]:
     broker, pool = request.param
     journal = os.path.join(journal_dir, f"events-{broker}-{pool}.journal")
     yield from _dedicated(broker, pool, journal, worker_send_task_events=True)
 
 
-@pytest.fixture(scope="module", params=DEDICATED, ids=[f"{b}-{p}" for b, p in DEDICATED])
+@pytest.fixture(
+    scope="module", params=DEDICATED, ids=[f"{b}-{p}" for b, p in DEDICATED]
+)
 def rpc_worker(request: pytest.FixtureRequest, journal_dir: str) -> Iterator[Worker]:
     broker, pool = request.param
     journal = os.path.join(journal_dir, f"rpc-{broker}-{pool}.journal")
@@ -57,7 +61,9 @@ class EventLog:
         self.lock = threading.Lock()
         self.marker = f"test-ready-{uuid()}"
         self.conn = self.app.connection_for_read()
-        self.receiver = self.app.events.Receiver(self.conn, handlers={"*": self.on_event})
+        self.receiver = self.app.events.Receiver(
+            self.conn, handlers={"*": self.on_event}
+        )
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def on_event(self, event: dict[str, Any]) -> None:
@@ -72,6 +78,7 @@ class EventLog:
         self.thread.start()
         # The receiver's queue exists once it hears our own event.
         with self.app.events.default_dispatcher() as dispatcher:
+
             def heard() -> bool:
                 dispatcher.send("test-ready", marker=self.marker)
                 return bool(self.types(self.marker))
@@ -98,13 +105,20 @@ def test_each_request_emits_its_own_events(events_worker: Worker) -> None:
         retried = app.tasks["tests.retrying"].delay(1)
         # then each request has its own received/started/outcome events
         for r in ok:
-            wait_for(lambda r=r: "task-succeeded" in log.types(r.id), what=f"succeeded {r.id}")
+            wait_for(
+                lambda r=r: "task-succeeded" in log.types(r.id),
+                what=f"succeeded {r.id}",
+            )
             assert log.types(r.id)[:2] == ["task-received", "task-started"]
         for r in bad:
-            wait_for(lambda r=r: "task-failed" in log.types(r.id), what=f"failed {r.id}")
+            wait_for(
+                lambda r=r: "task-failed" in log.types(r.id), what=f"failed {r.id}"
+            )
             assert log.types(r.id)[:2] == ["task-received", "task-started"]
         wait_for(lambda: "task-retried" in log.types(retried.id), what="task-retried")
-        wait_for(lambda: "task-succeeded" in log.types(retried.id), what="retry succeeded")
+        wait_for(
+            lambda: "task-succeeded" in log.types(retried.id), what="retry succeeded"
+        )
 
 
 def test_inspect_lists_buffered_and_running_requests(events_worker: Worker) -> None:
