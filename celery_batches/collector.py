@@ -11,10 +11,12 @@ from celery.worker.state import revoked as revoked_tasks
 from celery.worker.state import task_ready, task_reserved
 
 from .buffer import BatchBuffer
+from .dispatch import dispatch_batch
 from .request import SimpleRequest
 from .signals import batch_flushed
 
 if TYPE_CHECKING:
+    from celery.concurrency.base import BasePool
     from celery.worker.consumer import Consumer
     from celery.worker.request import Request
 
@@ -180,8 +182,17 @@ class BatchCollector:
 
     # -- flushing ---------------------------------------------------------
 
-    def dispatch(self, batch: list[Request], key: Hashable, reason: str) -> None:
-        """Send ``batch`` to the pool, leaving out revoked and expired requests."""
+    def dispatch(
+        self,
+        batch: list[Request],
+        key: Hashable,
+        reason: str,
+        pool: BasePool | None = None,
+    ) -> None:
+        """Send ``batch`` to the pool, leaving out revoked and expired requests.
+
+        ``pool`` overrides the worker's pool (used at shutdown).
+        """
         revoked = self.revoked_tasks
         live = [
             request
@@ -190,7 +201,10 @@ class BatchCollector:
         ]
         if not live:
             return
-        self.task.flush(live)
+        if pool is None:
+            self.task.flush(live)
+        else:
+            dispatch_batch(self.task, live, pool, hostname=live[0].hostname)
         if batch_flushed.receivers:
             batch_flushed.send(
                 sender=self.task,
@@ -200,15 +214,18 @@ class BatchCollector:
                 request_ids=[request.id for request in live],
             )
 
-    def flush_all(self, reason: str) -> int:
-        """Flush every waiting request now; return how many were sent."""
+    def flush_all(self, reason: str, pool: BasePool | None = None) -> int:
+        """Flush every waiting request now; return how many were sent.
+
+        ``pool`` overrides the worker's pool (used at shutdown).
+        """
         with self.lock:
             batches = list(self.buffer.drain())
             for key, _ in batches:
                 self._unboost(key)
             self._cancel_timer()
         for key, batch in batches:
-            self.dispatch(batch, key, reason)
+            self.dispatch(batch, key, reason, pool)
         return sum(len(batch) for _, batch in batches)
 
     def discard_all(self) -> int:

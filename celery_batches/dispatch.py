@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from celery.concurrency.base import BasePool
     from celery.worker.request import Request
 
-__all__ = ["BatchJob", "dispatch_batch", "uses_processes"]
+__all__ = ["BatchJob", "dispatch_batch", "inline_pool", "uses_processes"]
 
 logger = get_logger(__name__)
 
@@ -98,6 +98,13 @@ def uses_processes(pool: BasePool) -> bool:
     from celery.concurrency.prefork import TaskPool
 
     return isinstance(pool, TaskPool)
+
+
+def inline_pool() -> BasePool:
+    """Return a pool that runs each job at once in the calling thread."""
+    from celery.concurrency.solo import TaskPool
+
+    return TaskPool(limit=1)
 
 
 def _unpicklable(request: Request, simple: SimpleRequest) -> Exception | None:

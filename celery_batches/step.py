@@ -9,6 +9,7 @@ from celery.bootsteps import CLOSE
 from celery.utils.log import get_logger
 
 from .collector import collectors_of
+from .dispatch import inline_pool, uses_processes
 
 if TYPE_CHECKING:
     from celery.worker.consumer import Consumer
@@ -49,8 +50,12 @@ class BatchesStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
     @staticmethod
     def _flush(c: Consumer) -> None:
+        # The prefork pool no longer takes new jobs once the event loop has
+        # stopped (it discards unwritten jobs, as it does for plain tasks),
+        # so the last batches run here, in the worker's main process.
+        pool = inline_pool() if uses_processes(c.pool) else None
         for name, collector in list(collectors_of(c).items()):
-            sent = collector.flush_all("shutdown")
+            sent = collector.flush_all("shutdown", pool)
             held = collector.discard_all()
             if sent or held:
                 logger.info(
