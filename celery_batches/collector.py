@@ -41,7 +41,9 @@ def collectors_of(consumer: Consumer) -> dict[str, BatchCollector]:
 
 
 def _key_function(task: Batches) -> KeyFunction | None:
-    batch_key = getattr(task, "batch_key", None)
+    # Read from the class: a plain function set by the task decorator would
+    # come back from the instance as a bound method.
+    batch_key = getattr(type(task), "batch_key", None)
     if batch_key is None:
         return None
     if isinstance(batch_key, str):
@@ -116,9 +118,12 @@ class BatchCollector:
 
     # -- buffering --------------------------------------------------------
 
-    def add(self, request: Request, reason: str = "size") -> None:
-        """Buffer ``request``; flush its key's batch if it is now full."""
-        key = self.key_of(request) if self.key_of is not None else None
+    def key_for(self, request: Request) -> Hashable:
+        """Return the batch key of ``request`` (``None`` without ``batch_key``)."""
+        return self.key_of(request) if self.key_of is not None else None
+
+    def add(self, request: Request, key: Hashable = None, reason: str = "size") -> None:
+        """Buffer ``request`` under ``key``; flush the key's batch if it is full."""
         with self.lock:
             buffer = self.buffer
             if not buffer.pending(key):
@@ -128,7 +133,9 @@ class BatchCollector:
                 self._unboost(key)
                 if buffer.pending(key):
                     self._boost(key)
-            if self._timer_entry is None and buffer:
+            if not buffer:
+                self._cancel_timer()
+            elif self._timer_entry is None:
                 self._arm_timer()
         if batch is not None:
             self.dispatch(batch, key, reason)
@@ -158,18 +165,18 @@ class BatchCollector:
 
     # -- ETA --------------------------------------------------------------
 
-    def hold(self, request: Request, eta: float) -> None:
+    def hold(self, request: Request, eta: float, key: Hashable = None) -> None:
         """Keep ``request`` out of the buffer until its ETA (a timestamp)."""
         with self.lock:
             entry = self.consumer.timer.call_at(
-                eta, self.on_eta_due, (request,), priority=6
+                eta, self.on_eta_due, (request, key), priority=6
             )
             self._held[request.id] = (request, entry)
             qos = self.consumer.qos
             if qos is not None:
                 qos.increment_eventually()
 
-    def on_eta_due(self, request: Request) -> None:
+    def on_eta_due(self, request: Request, key: Hashable = None) -> None:
         """Timer callback: an ETA request joins the buffer."""
         with self.lock:
             if self._held.pop(request.id, None) is None:
@@ -178,7 +185,7 @@ class BatchCollector:
             if qos is not None:
                 qos.decrement_eventually()
         task_reserved(request)
-        self.add(request, reason="eta")
+        self.add(request, key, reason="eta")
 
     # -- flushing ---------------------------------------------------------
 

@@ -45,8 +45,11 @@ def _fail_malformed(
     """Store FAILURE for a message we cannot decode, if its id is known."""
     headers = message.headers or {}
     task_id = headers.get("id")
-    if task_id is None and isinstance(body, dict):
-        task_id = body.get("id")
+    if task_id is None:
+        # Protocol 1 keeps the id in the body.
+        payload = body if isinstance(body, dict) else _payload_or_none(message)
+        if isinstance(payload, dict):
+            task_id = payload.get("id")
     error = InvalidTaskError(f"Malformed message for batch task {task.name}: {exc!r}")
     if task_id:
         try:
@@ -54,6 +57,13 @@ def _fail_malformed(
         except Exception:
             logger.warning("Cannot store failure of %s", task_id, exc_info=True)
     return error
+
+
+def _payload_or_none(message: Message) -> Any:
+    try:
+        return message.payload
+    except Exception:
+        return None
 
 
 def batches_strategy(
@@ -87,6 +97,7 @@ def batches_strategy(
     task._pool = consumer.pool
     add = collector.add
     hold = collector.hold
+    key_for = collector.key_for if collector.key_of is not None else None
     if "celery_batches.BatchesStep" not in consumer.blueprint.steps:
         logger.warning(STEP_MISSING, task.name)
 
@@ -100,6 +111,7 @@ def batches_strategy(
         callbacks: Any,
         to_timestamp: Callable[..., float] = to_timestamp,
     ) -> None:
+        raw_body = body
         try:
             if body is None and "args" not in message.payload:
                 body, headers, decoded, utc = (
@@ -132,15 +144,19 @@ def batches_strategy(
                     "args must be a list and kwargs a mapping, got "
                     f"{type(args).__name__} and {type(kwargs).__name__}"
                 )
+            key = key_for(req) if key_for is not None else None
         except InvalidTaskError as exc:
             # Celery's own checks (bad ETA string, bad expires): the
             # consumer rejects the message; store the failure first.
-            raise _fail_malformed(task, message, body, exc) from exc
+            raise _fail_malformed(task, message, raw_body, exc) from exc
         except _MALFORMED as exc:
             # A body like ``{}`` or ``[1]`` makes Celery's default strategy
             # raise out of the consumer and stop the worker; turn it into
             # InvalidTaskError so the consumer rejects it and goes on.
-            raise _fail_malformed(task, message, body, exc) from exc
+            raise _fail_malformed(task, message, raw_body, exc) from exc
+        except Exception as exc:
+            # The user's batch_key raised: reject this message only.
+            raise _fail_malformed(task, message, raw_body, exc) from exc
 
         if _does_info:
             context = {
@@ -191,13 +207,13 @@ def batches_strategy(
                 )
                 req.reject(requeue=False)
                 return
-            hold(req, when)
+            hold(req, when, key)
             return
 
         task_reserved(req)
         if callbacks:
             for callback in callbacks:
                 callback(req)
-        add(req)
+        add(req, key)
 
     return task_message_handler

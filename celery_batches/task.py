@@ -6,7 +6,9 @@ from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any, Callable
 
 from celery import Task, states
+from celery.exceptions import Retry
 from celery.result import EagerResult
+from celery.utils.functional import maybe_list
 from celery.utils.nodenames import gethostname
 from kombu.utils.uuid import uuid
 
@@ -85,6 +87,36 @@ class Batches(Task):  # type: ignore[misc]
         hostname = requests[0].hostname if requests else None
         return dispatch_batch(self, requests, self._pool, hostname=hostname)
 
+    def retry(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        exc: BaseException | None = None,
+        throw: bool = True,
+        eta: Any = None,
+        countdown: float | None = None,
+        max_retries: int | None = None,
+        **options: Any,
+    ) -> Retry:
+        """Retry every request of the running batch the body left unsettled.
+
+        Inside a batch body, ``self.retry(countdown=..., exc=...)`` works as
+        :meth:`SimpleRequest.retry` on each unsettled request: each is sent
+        again with its own id, honouring ``max_retries``. Raises
+        :exc:`~celery.exceptions.Retry` (as Celery's ``Task.retry`` does),
+        which the worker handles; ``args``, ``kwargs`` and other options of
+        Celery's ``retry`` do not apply to a batch and are ignored.
+        """
+        retry = Retry(exc=exc, when=eta or countdown)
+        retry.batch_retry_options = {
+            "countdown": countdown,
+            "eta": eta,
+            "max_retries": max_retries,
+        }
+        if throw:
+            raise retry
+        return retry
+
     def apply(
         self,
         args: tuple[Any, ...] | list[Any] | None = None,
@@ -138,8 +170,8 @@ def eager_request(
         "hostname": hostname,
         "ignore_result": ignore_result,
         "retries": options.get("retries", 0),
-        "callbacks": options.get("link"),
-        "errbacks": options.get("link_error"),
+        "callbacks": maybe_list(options.get("link")),
+        "errbacks": maybe_list(options.get("link_error")),
         "root_id": task_id,
     }
     return SimpleRequest(

@@ -176,6 +176,15 @@ def _distribute(task: Task, requests: list[SimpleRequest], retval: Any) -> None:
                 f"{task.name} returned results for unknown request ids "
                 f"{unknown[:5]!r}; per_request_results maps request.id to a value"
             )
+        missing = [r for r in requests if r.id not in retval]
+        if missing:
+            error = KeyError(
+                f"{task.name} returned no result for request {missing[0].id!r}"
+                f" ({len(missing)} of {len(requests)} missing)"
+            )
+            for request in missing:
+                if request._outcome is None:
+                    settle_failure(task, request, error)
         pairs = [(r, retval[r.id]) for r in requests if r.id in retval]
     elif isinstance(retval, Sequence) and not isinstance(retval, (str, bytes)):
         if len(retval) != len(requests):
@@ -209,12 +218,19 @@ def _fail_unsettled(
 
 
 def _retry_unsettled(
-    task: Task, requests: list[SimpleRequest], exc: BaseException
+    task: Task,
+    requests: list[SimpleRequest],
+    exc: BaseException,
+    options: dict[str, Any] | None = None,
 ) -> None:
-    retry_kwargs = getattr(task, "retry_kwargs", None) or {}
+    if options is None:
+        options = dict(getattr(task, "retry_kwargs", None) or {})
+    # SimpleRequest.retry takes when and how often; other retry options of
+    # Celery (queue, priority, ...) keep the request's own routing.
+    when = {k: options[k] for k in ("countdown", "eta", "max_retries") if k in options}
     for request in requests:
         if request._outcome is None:
-            request.retry(exc=exc, **retry_kwargs)
+            request.retry(exc=exc, **when)
 
 
 def _wants_autoretry(task: Task, exc: BaseException) -> bool:
@@ -279,7 +295,7 @@ def run_batch(
                 args=args,
                 kwargs={},
                 retval=failed_exc if failed_exc is not None else retval,
-                state=states.FAILURE if failed_exc is not None else states.SUCCESS,
+                state=_batch_state(task, failed_exc),
             )
     finally:
         pop_task()
@@ -299,9 +315,12 @@ def _call_body(
     # request it left unsettled (failure, or retry for autoretry_for), and
     # the worker goes on with the next batch.
     except Exception as exc:
-        if isinstance(exc, Retry) or _wants_autoretry(task, exc):
-            cause = exc.exc if isinstance(exc, Retry) and exc.exc else exc
-            _retry_unsettled(task, requests, cause)
+        if isinstance(exc, Retry):
+            cause = exc.exc if exc.exc is not None else exc
+            options = getattr(exc, "batch_retry_options", None)
+            _retry_unsettled(task, requests, cause, options)
+        elif _wants_autoretry(task, exc):
+            _retry_unsettled(task, requests, exc)
         else:
             logger.error(
                 "Batch of %d %s requests raised %r",
@@ -315,6 +334,14 @@ def _call_body(
     if signals.task_success.receivers:
         signals.task_success.send(sender=task, result=retval)
     return retval, None
+
+
+def _batch_state(task: Task, exc: BaseException | None) -> str:
+    if exc is None:
+        return str(states.SUCCESS)
+    if isinstance(exc, Retry) or _wants_autoretry(task, exc):
+        return str(states.RETRY)
+    return str(states.FAILURE)
 
 
 def _outcome(request: SimpleRequest, runtime: float) -> Outcome:

@@ -328,19 +328,6 @@ def test_a_call_with_a_future_eta_is_held_until_its_timer_entry_fires(
     assert worker.qos.value == 4
 
 
-PROTO1_ID_LOST = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "celery_batches.strategy: for a protocol 1 message the handler "
-        "rebinds `body` to the decoded protocol 2 tuple before building the "
-        "Request, so when the Request (or the args/kwargs check) then fails, "
-        "_fail_malformed() finds no id (message.headers is empty and body is "
-        "no longer a dict) and stores no FAILURE although the id is known."
-    ),
-)
-
-
 def with_eta(app: Celery, task: Any, protocol: str, eta: str) -> Any:
     message = make_message(app, task.s(1), protocol)
     fields = message.payload if protocol == "proto1" else message.headers
@@ -356,7 +343,7 @@ def task_id_of(message: Any) -> str:
 
 @pytest.mark.parametrize(
     "protocol",
-    [pytest.param("proto1", marks=PROTO1_ID_LOST), "proto2", "hybrid"],
+    ["proto1", "proto2", "hybrid"],
 )
 def test_an_unparseable_eta_is_an_invalid_message_stored_as_failure(
     app: Celery, worker: FakeWorker, protocol: str
@@ -418,9 +405,7 @@ MALFORMED = {
     "proto2 args a string": _body("proto2", ["abc", {}, {}]),
     "proto2 args a number": _body("proto2", [1, {}, {}]),
     "proto2 kwargs a list": _body("proto2", [[], [1], {}]),
-    "proto1 args a string": pytest.param(
-        _body("proto1", args="abc"), marks=PROTO1_ID_LOST
-    ),
+    "proto1 args a string": _body("proto1", args="abc"),
     "proto1 kwargs a list": _body("proto1", kwargs=[1]),
     "hybrid args a string": _body("hybrid", args="abc"),
     "hybrid kwargs a list": _body("hybrid", kwargs=[1]),
@@ -523,17 +508,6 @@ def test_batch_key_callable_sees_the_request_and_batches_each_key_apart(
     assert rest == [[6], [7]]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason=(
-        "celery_batches.collector._key_function reads task.batch_key from the "
-        "task instance; Celery's @app.task stores the option as a class "
-        "attribute, so a plain function (or lambda) comes back as a bound "
-        "method and is called as key(task, request): TypeError on every "
-        "message. Only callable objects and staticmethods work."
-    ),
-)
 def test_batch_key_may_be_a_plain_function(app: Celery, worker: FakeWorker) -> None:
     # given a batch task keyed by a plain function, the documented form
     def parity(request: SimpleRequest) -> int:
@@ -555,17 +529,6 @@ class TenantOf:
         return str(request.kwargs["tenant"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=KeyError,
-    reason=(
-        "celery_batches.strategy calls collector.add() outside its try: an "
-        "exception from a user batch_key (here KeyError) escapes the "
-        "handler; the consumer only turns InvalidTaskError into a reject, so "
-        "one such message stops the consumer. The request was also already "
-        "passed to task_reserved() and stays in the reserved set."
-    ),
-)
 def test_a_batch_key_that_raises_rejects_only_that_message(
     app: Celery, worker: FakeWorker
 ) -> None:

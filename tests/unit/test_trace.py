@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from celery import Celery, current_task, signals, states
-from celery.exceptions import MaxRetriesExceededError, NotRegistered
+from celery.exceptions import MaxRetriesExceededError
 from kombu.utils.uuid import uuid
 
 from celery_batches import Batches, SimpleRequest
@@ -428,19 +428,6 @@ def test_retry_max_retries_argument_overrides_the_task(app: Celery) -> None:
     assert isinstance(error, KeyError)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "run_batch pushes a batch request (args=[requests]) and Celery's "
-        "Task.retry() first re-publishes *that* request (before_task_publish "
-        "fires with the batch's id): with JSON the SimpleRequest list cannot "
-        "be encoded, so Task.retry raises Reject(EncodeError), not Retry, and "
-        "run_batch fails every unsettled request with it instead of retrying "
-        "each one. With pickle a bogus message for the whole batch would be "
-        "published as well."
-    ),
-)
 def test_self_retry_in_the_body_retries_every_unsettled_request(app: Celery) -> None:
     # given a bound body that settles one call and asks Celery to retry
     def body(self: Any, requests: list[SimpleRequest]) -> None:
@@ -571,22 +558,6 @@ def test_apply_async_under_task_always_eager_keeps_task_id_and_routing(
     assert request.delivery_info["priority"] == 3
 
 
-LINK_NOT_LISTED = pytest.mark.xfail(
-    strict=True,
-    raises=(AssertionError, NotRegistered),
-    reason=(
-        "celery_batches.task.eager_request puts options['link'] and "
-        "options['link_error'] into the request as given; Celery's own "
-        "Task.apply wraps them with maybe_list(). A single signature (the "
-        "common `link=sig`) is a dict, so its keys are taken for callbacks: "
-        "with link, settle_success publishes tasks named 'task', 'args', "
-        "'kwargs', ... and the callback never runs; with link_error, the "
-        "backend raises NotRegistered('task') out of apply()."
-    ),
-)
-
-
-@LINK_NOT_LISTED
 def test_apply_with_a_single_link_runs_it_with_the_result(app: Celery) -> None:
     # given a per_request_results batch task and a callback
     def body(requests: list[SimpleRequest]) -> list[int]:
@@ -611,7 +582,6 @@ def test_apply_with_a_single_link_runs_it_with_the_result(app: Celery) -> None:
     assert sent == []
 
 
-@LINK_NOT_LISTED
 def test_apply_with_a_single_link_error_runs_it_on_failure(app: Celery) -> None:
     # given a batch task whose body raises, and an errback
     def body(requests: list[SimpleRequest]) -> None:
