@@ -1,0 +1,48 @@
+# Developer entry points. A newcomer needs two: `make demo` and `make test`.
+# Both create .venv on first use, so nothing has to be installed by hand.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Touched after a successful install: the install is redone only when
+# pyproject.toml is newer than this file.
+STAMP := $(VENV)/.installed
+
+PYTEST_ARGS ?=
+DEMO_ARGS ?=
+BENCH_ARGS ?=
+# The tests have their own, laxer mypy settings; add `tests` here to check them.
+MYPY_TARGETS ?= celery_batches
+
+.PHONY: venv test demo lint docs bench clean
+
+venv: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -e '.[test,lint,docs,bench]'
+	touch $@
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: venv
+	$(PY) demo.py $(DEMO_ARGS)
+
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy $(MYPY_TARGETS)
+
+docs: venv
+	$(VENV)/bin/sphinx-build -W -b html docs docs/_build/html
+
+bench: venv
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info docs/_build .demo \
+		.mypy_cache .ruff_cache .pytest_cache .tox
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
