@@ -204,6 +204,18 @@ def create_app(
     def big(requests: list[SimpleRequest]) -> None:
         log.write("batch", requests[0].id, len(requests), os.getpid())
 
+    @app.task(
+        base=Batches,
+        name="tests.big2",
+        flush_every=100,
+        flush_interval=2,
+        ignore_result=True,
+        shared=False,
+    )
+    def big2(requests: list[SimpleRequest]) -> None:
+        # A second batch task on the same worker, to show neither starves.
+        log.write("batch2", requests[0].id, len(requests), os.getpid())
+
     @app.task(name="tests.total", shared=False)
     def total(values: list[int]) -> int:
         # A plain task, for chord callbacks over batch members.
