@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import time
+from datetime import datetime, timedelta, timezone
 
+import pytest
 from celery import chain, chord
 from celery.exceptions import MaxRetriesExceededError
 from kombu.utils.uuid import uuid
 
-from tests.conftest import Worker, wait_for
+from tests.conftest import Worker, thread_worker, wait_for
 
 
 def test_request_retry_runs_the_call_again_with_the_same_id(
@@ -89,3 +92,24 @@ def test_plain_batches_leave_results_to_the_body(worker: Worker, protocol: int) 
     results = [task.delay(i) for i in range(5)]
     wait_for(lambda: all(worker.runs(r.id) == 1 for r in results), what="runs")
     assert {r.state for r in results} == {"PENDING"}
+
+
+@pytest.mark.parametrize("enable_utc", [True, False], ids=["utc", "local-time"])
+def test_eta_is_honoured_with_and_without_utc(
+    enable_utc: bool, journal_dir: str
+) -> None:
+    # given a worker whose app runs in a non-UTC timezone, with UTC on or off
+    journal = os.path.join(journal_dir, f"eta-{enable_utc}.journal")
+    with thread_worker(
+        "solo", journal, enable_utc=enable_utc, timezone="America/New_York"
+    ) as w:
+        task = w.app.tasks["tests.collect"]
+        eta = datetime.now(timezone.utc) + timedelta(seconds=1.5)
+        # when a call is sent with an aware ETA, and another with a countdown
+        at = task.apply_async((1, 1), eta=eta)
+        later = task.apply_async((2, 2), countdown=1.5)
+        # then both run once, after they are due, not hours early or late
+        assert at.get(timeout=20) == 2
+        assert datetime.now(timezone.utc) >= eta
+        assert later.get(timeout=20) == 4
+        assert w.runs(at.id) == 1 and w.runs(later.id) == 1
