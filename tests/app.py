@@ -216,6 +216,31 @@ def create_app(
         # A second batch task on the same worker, to show neither starves.
         log.write("batch2", requests[0].id, len(requests), os.getpid())
 
+    @app.task(
+        base=Batches,
+        name="tests.documented",
+        flush_every=3,
+        flush_interval=0.3,
+        shared=False,
+    )
+    def documented(requests: list[SimpleRequest]) -> None:
+        # The retry pattern celery-batches 0.11 documents: re-send the call
+        # with the same task id and a countdown, store results through the
+        # app's backend with the SimpleRequest as the request.
+        record(requests)
+        for request in requests:
+            if not request.kwargs.get("retried"):
+                documented.apply_async(
+                    args=request.args,
+                    kwargs={**request.kwargs, "retried": True},
+                    countdown=0.2,
+                    task_id=request.id,
+                )
+            else:
+                app.backend.mark_as_done(
+                    request.id, request.args[0] * 3, request=request
+                )
+
     @app.task(name="tests.total", shared=False)
     def total(values: list[int]) -> int:
         # A plain task, for chord callbacks over batch members.
