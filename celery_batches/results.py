@@ -106,10 +106,8 @@ class ResultWriter:
                 )
                 meta["task_id"] = request.id
                 value = backend.encode(meta)
-                if expires:
-                    pipe.setex(key, expires, value)
-                else:
-                    pipe.set(key, value)
+                # SET with EX, not SETEX: redis-py 8 deprecates setex().
+                pipe.set(key, value, ex=expires or None)
                 pipe.publish(key, value)
             pipe.execute()
 
