@@ -216,7 +216,13 @@ def start_subprocess_worker(
             raise AssertionError(f"worker exited early:\n{worker.log()}")
         return " ready." in worker.log()
 
-    wait_for(ready, timeout=60, what=f"{broker}/{pool} worker to be ready")
+    try:
+        wait_for(ready, timeout=60, what=f"{broker}/{pool} worker to be ready")
+    except AssertionError:
+        # A worker that never got ready must not outlive the test.
+        process.kill()
+        process.wait(10)
+        raise
     return worker
 
 
