@@ -249,7 +249,7 @@ class SimpleRequest:
             retries=retries + 1,
         )
         signature.apply_async()
-        reason = exc if exc is not None else RetryRequested(countdown, eta)
+        reason = exc if exc is not None else RetryRequested.after(countdown, eta)
         if not self.ignore_result:
             task.backend.mark_as_retry(self.id, reason, request=ctx)
         self._outcome = (states.RETRY, reason)
@@ -260,6 +260,8 @@ class SimpleRequest:
 class RetryRequested(Exception):
     """The reason stored with RETRY when :meth:`SimpleRequest.retry` got none."""
 
-    def __init__(self, countdown: float | None, eta: datetime | None) -> None:
+    @classmethod
+    def after(cls, countdown: float | None, eta: datetime | None) -> RetryRequested:
+        """Say when the retry runs. (One message argument keeps it picklable.)"""
         when = f"in {countdown}s" if eta is None else f"at {eta.isoformat()}"
-        super().__init__(f"Retry {when}")
+        return cls(f"Retry {when}")

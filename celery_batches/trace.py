@@ -352,7 +352,8 @@ def _outcome(request: SimpleRequest, runtime: float) -> Outcome:
     if state == states.SUCCESS:
         return (0, saferepr(value), runtime)
     if state == states.RETRY:
-        return (1, _pickleable(exception_info(Retry(exc=value))), runtime)
+        retry = Retry(exc=get_pickleable_exception(value))
+        return (1, _pickleable(exception_info(retry)), runtime)
     return (1, _pickleable(value), runtime)
 
 
