@@ -1,0 +1,1 @@
+"""Fault injection: killed workers, restarted brokers, poison messages."""

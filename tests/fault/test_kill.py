@@ -1,0 +1,142 @@
+"""``kill -9`` of a worker, or of the pool child running a late-acked batch."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Worker, wait_for
+from tests.fault.conftest import (
+    RedisServer,
+    Spawn,
+    exit_code,
+    kill_worker,
+    queue_depth,
+    redis_urls,
+    run_counts,
+    states,
+    worker_pids,
+)
+
+pytestmark = pytest.mark.fault
+
+#: Lets the next worker on our own Redis restore unacked messages within
+#: seconds instead of an hour.
+QUICK_RESTORE = {
+    "broker_transport_options": {
+        "visibility_timeout": 2,
+        "unacked_restore_interval": 1,
+        "unacked_restore_throttle": 1,
+    }
+}
+
+
+def _runs(worker: Worker, ids: list[str]) -> list[list[str]]:
+    return [event for event in worker.journal.events("run") if event[0] in ids]
+
+
+def _all_running(worker: Worker, ids: list[str]) -> bool:
+    return {event[0] for event in _runs(worker, ids)} == set(ids)
+
+
+def _settled(worker: Worker, ids: list[str]) -> bool:
+    return all(state in {"SUCCESS", "FAILURE"} for state in states(worker, ids))
+
+
+@pytest.mark.parametrize("broker", ["rabbitmq", "own-redis"])
+def test_kill_9_of_worker_redelivers_late_acked_batch(
+    spawn: Spawn, gate: Path, request: pytest.FixtureRequest, broker: str
+) -> None:
+    # given a prefork worker running a batch of 4 late-acked calls, held
+    # inside the body
+    first_options: dict[str, Any] = {}
+    second_options: dict[str, Any] = {}
+    if broker == "own-redis":
+        server: RedisServer = request.getfixturevalue("own_redis")
+        urls = redis_urls(server, server.fresh_db())
+        first_options = {"urls": urls}
+        second_options = {"urls": urls, "conf": QUICK_RESTORE}
+    gate.touch()
+    first = spawn(broker, "prefork", **first_options)
+    task = first.app.tasks["tests.fault_late_requeue"]
+    results = [task.delay(i) for i in range(4)]
+    ids = [r.id for r in results]
+    wait_for(lambda: _all_running(first, ids), what="the batch to be running")
+    first_pids = worker_pids(first)
+
+    # when the whole worker is killed with SIGKILL, and a new one starts on
+    # the same queue
+    kill_worker(first)
+    gate.unlink()
+    second = spawn(broker, "prefork", queue=first.queue, **second_options)
+
+    # then the broker delivers the killed batch's messages again, and the new
+    # worker runs every call (at least once) and stores its result
+    wait_for(lambda: _settled(second, ids), timeout=40, what="results")
+    assert states(second, ids) == ["SUCCESS"] * 4
+    assert [r.result for r in results] == [0, 1, 2, 3]
+    counts = run_counts(second, ids)
+    assert all(count >= 2 for count in counts.values()), counts
+    rerun_pids = {int(pid) for _, _, pid in _runs(second, ids)} - first_pids
+    assert rerun_pids, "no call ran in the new worker"
+
+
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_killed_child_requeues_batch_with_reject_on_worker_lost(
+    spawn: Spawn, gate: Path, broker: str
+) -> None:
+    # given a prefork worker whose child runs a batch of 4 late-acked calls
+    # of a task with reject_on_worker_lost=True, held inside the body
+    gate.touch()
+    worker = spawn(broker, "prefork")
+    task = worker.app.tasks["tests.fault_late_requeue"]
+    results = [task.delay(i) for i in range(4)]
+    ids = [r.id for r in results]
+    wait_for(lambda: _all_running(worker, ids), what="the batch to be running")
+    (child,) = {int(pid) for _, _, pid in _runs(worker, ids)}
+
+    # when that child is killed with SIGKILL
+    os.kill(child, signal.SIGKILL)
+    gate.unlink()
+
+    # then the messages go back to the queue and run again, to SUCCESS
+    wait_for(lambda: _settled(worker, ids), timeout=40, what="results")
+    assert states(worker, ids) == ["SUCCESS"] * 4
+    assert [r.result for r in results] == [0, 1, 2, 3]
+    counts = run_counts(worker, ids)
+    assert all(count >= 2 for count in counts.values()), counts
+    assert "WorkerLostError" in worker.log() or "exited prematurely" in worker.log()
+
+
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_killed_child_fails_batch_without_reject_on_worker_lost(
+    spawn: Spawn, gate: Path, broker: str
+) -> None:
+    # given a prefork worker whose child runs a batch of 4 late-acked calls
+    # of a task without reject_on_worker_lost, held inside the body
+    gate.touch()
+    worker = spawn(broker, "prefork")
+    task = worker.app.tasks["tests.fault_late_lost"]
+    results = [task.delay(i) for i in range(4)]
+    ids = [r.id for r in results]
+    wait_for(lambda: _all_running(worker, ids), what="the batch to be running")
+    (child,) = {int(pid) for _, _, pid in _runs(worker, ids)}
+
+    # when that child is killed with SIGKILL
+    os.kill(child, signal.SIGKILL)
+    gate.unlink()
+
+    # then every call is stored as FAILURE with WorkerLostError, ran once,
+    # and its message is gone from the broker (acked, not requeued)
+    wait_for(lambda: _settled(worker, ids), timeout=40, what="results")
+    assert states(worker, ids) == ["FAILURE"] * 4
+    assert {type(r.result).__name__ for r in results} == {"WorkerLostError"}
+    assert set(worker.journal.ids("failure")) >= set(ids)
+    assert run_counts(worker, ids) == dict.fromkeys(ids, 1)
+    assert exit_code(worker) == 0, worker.log()
+    assert queue_depth(worker) == 0
+    assert run_counts(worker, ids) == dict.fromkeys(ids, 1)
