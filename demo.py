@@ -612,8 +612,9 @@ def main(argv: list[str] | None = None) -> int:
         events = EventLog(settings.events)
         _wait_ready(worker, events, tally, timeout=60)
         display.line(
-            f"worker ready in {tally.ready_at - started:.1f}s "
-            f"(prefork, {args.concurrency} processes); sending..."
+            f"worker ready in {tally.ready_at - started:.1f}s (pid "
+            f"{worker.process.pid}, prefork, {args.concurrency} processes); "
+            "sending..."
         )
         sender.start()
         problem = _watch(
