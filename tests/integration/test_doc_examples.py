@@ -1,0 +1,508 @@
+"""The documentation's own examples, run for real: each page's promise holds.
+
+Every Python sample in ``docs/*.rst`` is pulled from a module of
+``docs/examples`` with ``literalinclude``; these tests run those modules
+with a real worker on the in-memory transport (and the result store on a
+Redis server for the bulk-results promise) and check what the pages say.
+"""
+
+from __future__ import annotations
+
+import doctest
+import importlib.util
+import sys
+import textwrap
+import threading
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from celery import Celery, _state, signals, states
+from celery.contrib.testing.worker import start_worker
+from kombu.utils.uuid import uuid
+
+from celery_batches import Batches, SimpleRequest
+from celery_batches.signals import batch_flushed
+from celery_batches.testing import apply_batch
+from tests.conftest import REDIS_BACKEND, ROOT, require_server, wait_for
+
+DOCS = ROOT / "docs"
+EXAMPLES = DOCS / "examples"
+
+Flushes = list[dict[str, Any]]
+# The examples are loaded from files: their attributes are not known to mypy.
+Load = Callable[[str], Any]
+
+
+@contextmanager
+def loading() -> Iterator[Load]:
+    """Import modules of docs/examples afresh, so each test has its own state."""
+    finalizers = set(_state._on_app_finalizers)
+
+    def load(name: str) -> ModuleType:
+        spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    try:
+        yield load
+    finally:
+        # The examples' tasks are shared tasks (Celery's default): forget
+        # them, or every app finalized later in the session would get them.
+        _state._on_app_finalizers.intersection_update(finalizers)
+
+
+@pytest.fixture
+def load() -> Iterator[Load]:
+    with loading() as load:
+        yield load
+
+
+@contextmanager
+def running(
+    app: Celery,
+    *,
+    pool: str = "solo",
+    backend: str = "cache+memory://",
+    **settings: Any,
+) -> Iterator[Flushes]:
+    """Run a worker for ``app`` on the in-memory transport.
+
+    ``settings`` override options of every batch task of the app (a short
+    ``flush_interval`` keeps the tests fast). Yields the keyword arguments
+    of each ``batch_flushed`` the worker sends, in order.
+    """
+    app.conf.update(
+        broker_url="memory://",
+        result_backend=backend,
+        task_default_queue=f"doc-examples-{uuid()}",
+        worker_hijack_root_logger=False,
+        # The in-memory transport sleeps this long when its queue is empty.
+        broker_transport_options={"polling_interval": 0.01},
+    )
+    for task in app.tasks.values():
+        if isinstance(task, Batches):
+            for name, value in settings.items():
+                setattr(task, name, value)
+    flushes: Flushes = []
+
+    def on_flushed(sender: Any, **kwargs: Any) -> None:
+        if sender.app is app:
+            flushes.append({"task": sender.name, **kwargs})
+
+    batch_flushed.connect(on_flushed, weak=False)
+    try:
+        with start_worker(
+            app,
+            pool=pool,
+            concurrency=2 if pool == "threads" else 1,
+            perform_ping_check=False,
+            loglevel="WARNING",
+            shutdown_timeout=30,
+        ):
+            yield flushes
+    finally:
+        batch_flushed.disconnect(on_flushed)
+
+
+def flushed(flushes: Flushes, task: str) -> int:
+    return sum(flush["size"] for flush in flushes if flush["task"] == task)
+
+
+# -- getting-started.rst and README.rst -----------------------------------------
+
+
+def test_getting_started_gives_each_call_its_own_result_in_batches(load: Load) -> None:
+    # given the getting-started app and its task (flush_every=100)
+    example = load("getting_started")
+    words = [f"word{i}" for i in range(250)]
+    with running(example.app, flush_interval=0.2) as flushes:
+        # when 250 calls are sent and their results read
+        results = example.send_words(words)
+        # then each call has its own result, computed in batches of at most 100
+        assert results == [word.upper() for word in words]
+        sizes = [f["size"] for f in flushes if f["task"] == example.shout.name]
+        assert sum(sizes) == 250 and max(sizes) == 100 and len(sizes) < 250
+        # and a call's state can be read from its id alone
+        call = example.shout.delay("ada")
+        assert call.get(timeout=20) == "ADA"
+        assert example.state_of(call.id) == states.SUCCESS
+
+
+def code_blocks(page: Path, language: str) -> list[str]:
+    """Return the ``.. code-block:: <language>`` blocks of an rst file, dedented."""
+    blocks = []
+    lines = page.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.strip() == f".. code-block:: {language}":
+            body = []
+            for following in lines[i + 1 :]:
+                if following and not following[0].isspace():
+                    break
+                body.append(following)
+            blocks.append(textwrap.dedent("\n".join(body)).strip() + "\n")
+    return blocks
+
+
+def run_session(session: str, name: str) -> tuple[int, int]:
+    """Run an interactive session as doctest does; return (failed, tried)."""
+    test = doctest.DocTestParser().get_doctest(session, {}, name, name, 0)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    runner.run(test, out=lambda text: None)
+    failed, tried = runner.summarize(verbose=False)
+    return failed, tried
+
+
+def test_the_getting_started_session_runs_as_shown(
+    load: Load, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # given the interactive session that getting-started.rst shows
+    example = load("getting_started")
+    monkeypatch.setitem(sys.modules, "getting_started", example)
+    (session,) = code_blocks(DOCS / "getting-started.rst", "pycon")
+    # when it runs against a worker, then every output is the one shown
+    with running(example.app, flush_interval=0.2):
+        failed, tried = run_session(session, "getting-started.rst")
+    assert (failed, tried) == (0, 5)
+
+
+def test_the_readme_example_is_the_getting_started_task(
+    load: Load, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # given the README's usage example
+    (block,) = code_blocks(ROOT / "README.rst", "python")
+    source = (EXAMPLES / "getting_started.py").read_text().splitlines()
+    # then each of its lines is a line of the tested getting-started module
+    missing = [line for line in block.splitlines() if line and line not in source]
+    assert missing == []
+    # and the block runs as it stands: its task batches and returns per call
+    namespace: dict[str, Any] = {"__name__": "readme_example"}
+    exec(compile(block, "README.rst", "exec"), namespace)
+    results = apply_batch(namespace["shout"], ["ada", "grace"])
+    assert [result.get() for result in results] == ["ADA", "GRACE"]
+    # and the README's session gives the output shown, on a real worker
+    example = load("getting_started")
+    monkeypatch.setitem(sys.modules, "getting_started", example)
+    (session,) = code_blocks(ROOT / "README.rst", "pycon")
+    with running(example.app, flush_interval=0.2):
+        assert run_session(session, "README.rst") == (0, 2)
+
+
+# -- per-request.rst --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def per_request() -> Iterator[Any]:
+    """The per-request examples, served by one worker for the tests below."""
+    with loading() as load:
+        example = load("per_request")
+        example.RETRY_IN = 0.2
+        example.app.tasks[example.send_sms.name].retry_kwargs = {
+            "countdown": 0.2,
+            "max_retries": 5,
+        }
+        # Long enough that the calls a test sends at once make one batch.
+        with running(example.app, flush_interval=0.5) as flushes:
+            example.flushes = flushes
+            yield example
+
+
+def test_fetch_quote_settles_each_call_done_failed_or_retried(per_request: Any) -> None:
+    # given the quote service, where INITECH has no price on its first lookup
+    example = per_request
+    # when one batch asks for a known, a warming-up and an unknown symbol
+    acme, initech, nope = (
+        example.fetch_quote.delay(symbol) for symbol in ("ACME", "INITECH", "NOPE")
+    )
+    # then the known one is done, the unknown one failed on its own
+    assert acme.get(timeout=20) == 12.5
+    wait_for(nope.ready, what="NOPE to fail")
+    assert nope.state == states.FAILURE
+    assert isinstance(nope.result, LookupError)
+    # and the warming-up one was retried alone, under its id, and is done
+    assert initech.get(timeout=20) == 3.25
+    assert example.quotes.calls == 2
+
+
+def test_a_sequence_of_results_with_an_exception_fails_only_that_call(
+    per_request: Any,
+) -> None:
+    good = per_request.normalize_email.delay("Ada@Example.COM")
+    bad = per_request.normalize_email.delay("not-an-address")
+    assert good.get(timeout=20) == "Ada@example.com"
+    wait_for(bad.ready, what="the bad address to fail")
+    assert bad.state == states.FAILURE
+    assert isinstance(bad.result, ValueError)
+
+
+def test_a_mapping_of_results_answers_each_call_by_id(per_request: Any) -> None:
+    skus = ("apple", "pear", "apple", "kiwi")
+    results = [per_request.stock_level.delay(sku) for sku in skus]
+    assert [r.get(timeout=20) for r in results] == [12, 0, 12, 0]
+    assert flushed(per_request.flushes, per_request.stock_level.name) == 4
+
+
+def test_autoretry_for_retries_every_call_of_the_batch(per_request: Any) -> None:
+    # given a gateway that is down for the first bulk call
+    gateway = per_request.gateway
+    # when a batch of three messages is sent
+    results = [per_request.send_sms.delay(f"+4470000000{i}", "hi") for i in range(3)]
+    # then each call is retried and gets its own receipt
+    receipts = [r.get(timeout=20) for r in results]
+    assert sorted(receipts) == ["receipt-0", "receipt-1", "receipt-2"]
+    assert gateway.outages == 0 and len(gateway.sent) == 3
+
+
+def test_self_retry_in_a_bound_body_retries_the_batch(per_request: Any) -> None:
+    # given a push provider that is away for the first batch
+    results = [per_request.push_notification.delay(user) for user in ("ada", "bob")]
+    # then the batch is retried, and each call gets its own result
+    pushed = [r.get(timeout=20) for r in results]
+    assert pushed == ["pushed to ada", "pushed to bob"]
+    assert per_request.push_provider["available"] is True
+
+
+def test_results_are_stored_in_bulk_on_redis(
+    load: Load, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # given the getting-started task with a Redis result backend
+    require_server(REDIS_BACKEND)
+    import redis
+
+    example = load("getting_started")
+    worker_calls: Counter[str] = Counter()
+    main = threading.current_thread()
+
+    def counting(name: str, method: Any) -> Any:
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if threading.current_thread() is not main:
+                worker_calls[name] += 1
+            return method(self, *args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(redis.Redis, "mget", counting("mget", redis.Redis.mget))
+    monkeypatch.setattr(
+        redis.client.Pipeline,
+        "execute",
+        counting("pipeline", redis.client.Pipeline.execute),
+    )
+    with running(
+        example.app, backend=REDIS_BACKEND, flush_every=5, flush_interval=60
+    ) as flushes:
+        # when one full batch of five calls runs (the solo pool runs it
+        # before batch_flushed is sent)
+        results = [example.shout.delay(word) for word in "abcde"]
+        wait_for(lambda: flushed(flushes, example.shout.name) == 5, what="a batch")
+        # then its five results took one MGET and one pipeline
+        assert worker_calls == Counter({"mget": 1, "pipeline": 1})
+        assert [r.get(timeout=20) for r in results] == list("ABCDE")
+
+
+# -- batching-by-key.rst ----------------------------------------------------------
+
+
+def test_a_keyword_batch_key_never_mixes_tenants(load: Load) -> None:
+    # given calls of three tenants, interleaved, and batches of three
+    example = load("by_key")
+    tenants = ["acme", "initech", "umbrella"] * 6
+    with running(example.app, flush_every=3, flush_interval=60) as flushes:
+        for n, tenant in enumerate(tenants):
+            example.record_usage.delay(tenant=tenant, units=n)
+        wait_for(lambda: flushed(flushes, example.record_usage.name) == 18, what="18")
+    # then every batch wrote to one tenant, and each tenant got all its units
+    expected: Counter[str] = Counter()
+    for n, tenant in enumerate(tenants):
+        expected[tenant] += n
+    assert example.usage.units == expected
+    assert len(example.usage.writes) == len(flushes) == 6
+    assert {f["key"] for f in flushes} == set(tenants)
+    assert {f["reason"] for f in flushes} == {"size"}
+
+
+def test_a_callable_batch_key_groups_by_mail_domain(load: Load) -> None:
+    example = load("by_key")
+    addresses = ["ada@a.example", "bob@B.example", "cy+news@a.example", "di@b.example"]
+    with running(example.app, flush_interval=0.2):
+        results = [example.verify_mailbox.delay(address) for address in addresses]
+        assert [r.get(timeout=20) for r in results] == [True, True, False, True]
+    sessions = dict(example.smtp_sessions)
+    assert sessions == {
+        "a.example": ["ada@a.example", "cy+news@a.example"],
+        "b.example": ["bob@B.example", "di@b.example"],
+    }
+
+
+# -- monitoring.rst ---------------------------------------------------------------
+
+
+def test_metrics_count_flushes_by_reason_and_batch_sizes(load: Load) -> None:
+    # given the metrics receiver connected, serving on a free local port
+    metrics = load("metrics")
+    metrics.METRICS_PORT = 0
+    example = load("getting_started")
+    name = example.shout.name
+    try:
+        metrics.start_metrics_server()
+        server = metrics.metrics_server
+        assert server is not None
+        with running(example.app, flush_interval=0.3) as flushes:
+            # when 230 calls run: full batches of 100, the rest by interval
+            example.send_words([f"w{i}" for i in range(230)])
+            wait_for(lambda: flushed(flushes, name) == 230, what="230 calls flushed")
+        # then the counter has each flush by its reason
+        text = metrics.metrics.render()
+        reasons = Counter(f["reason"] for f in flushes if f["task"] == name)
+        assert reasons["size"] >= 2 and reasons["interval"] >= 1
+        for reason, count in reasons.items():
+            line = f'celery_batches_flushes_total{{task="{name}",reason="{reason}"}}'
+            assert f"{line} {count}\n" in text
+        # and the histogram has each batch in its buckets
+        sizes = [f["size"] for f in flushes if f["task"] == name]
+        for bound in (50, 100):
+            line = f'celery_batches_batch_size_bucket{{task="{name}",le="{bound}"}}'
+            assert f"{line} {sum(size <= bound for size in sizes)}\n" in text
+        assert f'celery_batches_batch_size_sum{{task="{name}"}} 230\n' in text
+        assert (
+            f'celery_batches_batch_size_count{{task="{name}"}} {len(sizes)}\n' in text
+        )
+        # and /metrics serves the same text
+        port = server.server_address[1]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            assert r.read().decode() == metrics.metrics.render()
+    finally:
+        batch_flushed.disconnect(metrics.metrics.on_batch_flushed)
+        signals.worker_ready.disconnect(metrics.start_metrics_server)
+        if metrics.metrics_server is not None:
+            metrics.metrics_server.shutdown()
+            metrics.metrics_server.server_close()
+
+
+def test_inspect_reserved_lists_buffered_calls_and_shutdown_runs_them(
+    load: Load,
+) -> None:
+    # given three calls waiting in a buffer that flushes at 100 or every minute
+    inspecting = load("inspecting")
+    example = load("getting_started")
+    with running(example.app, flush_interval=60) as flushes:
+        calls = [example.shout.delay(word) for word in ("a", "b", "c")]
+        ids = {call.id for call in calls}
+
+        def waiting() -> set[str]:
+            found = inspecting.waiting_calls(example.app)
+            return {task_id for task_ids in found.values() for task_id in task_ids}
+
+        # then `inspect reserved` lists them
+        wait_for(lambda: ids <= waiting(), what="the calls to be listed as reserved")
+        assert flushes == []
+    # and the warm shutdown of the worker ran them, in one batch
+    assert [(f["size"], f["reason"]) for f in flushes] == [(3, "shutdown")]
+    assert [call.get(timeout=5) for call in calls] == ["A", "B", "C"]
+
+
+def test_inspect_active_lists_each_call_of_the_running_batch(load: Load) -> None:
+    # given a batch that stays running until the test lets it go
+    inspecting = load("inspecting")
+    app = Celery("inspect_active", set_as_current=False)
+    started, release = threading.Event(), threading.Event()
+
+    @app.task(base=Batches, flush_every=2, flush_interval=60, shared=False)
+    def hold(requests: list[SimpleRequest]) -> None:
+        started.set()
+        release.wait(20)
+
+    with running(app, pool="threads"):
+        calls = [hold.delay(n) for n in range(2)]
+        assert started.wait(20)
+
+        def active() -> set[str]:
+            found = inspecting.running_calls(app)
+            return {task_id for task_ids in found.values() for task_id in task_ids}
+
+        # then `inspect active` lists both of its calls
+        try:
+            wait_for(lambda: {c.id for c in calls} <= active(), what="active calls")
+        finally:
+            release.set()
+
+
+# -- faq.rst: testing a batch body -------------------------------------------------
+
+
+def test_the_testing_helper_examples_pass(load: Load) -> None:
+    example = load("testing_helper")
+    tests = [value for name, value in vars(example).items() if name.startswith("test_")]
+    assert len(tests) == 4
+    for test in tests:
+        test()
+
+
+# -- migration.rst ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def migration() -> Iterator[Any]:
+    """The migration examples, served by one worker for the tests below."""
+    with loading() as load:
+        example = load("migration")
+        # The tests send each batch's calls within milliseconds: a second
+        # leaves no room for an interval flush to split them.
+        with running(example.app, flush_interval=1) as flushes:
+            example.flushes = flushes
+            yield example
+
+
+def test_a_0_11_body_storing_results_through_the_backend_still_works(
+    migration: Any,
+) -> None:
+    results = [migration.square.delay(n) for n in range(5)]
+    assert [r.get(timeout=20) for r in results] == [0, 1, 4, 9, 16]
+
+
+def test_a_body_that_stores_nothing_leaves_results_pending(migration: Any) -> None:
+    # given a body that returns a value but stores no result
+    results = [migration.count_words.delay("a b c") for _ in range(3)]
+    # when its batch has run (on the solo pool, batch_flushed comes after)
+    name = migration.count_words.name
+    wait_for(lambda: flushed(migration.flushes, name) == 3, what="the batch")
+    # then the calls' results are still PENDING, as with 0.11
+    assert migration.batch_sizes == [3]
+    assert {r.state for r in results} == {states.PENDING}
+
+
+def test_a_body_that_raises_fails_every_call_of_its_batch(migration: Any) -> None:
+    # given an all-or-nothing import whose batch holds an empty row
+    results = [migration.import_rows.delay(row) for row in ("a", "", "b")]
+    # then every call of the batch failed with the body's exception
+    for result in results:
+        wait_for(result.ready, what=f"{result.id} ready")
+    assert {r.state for r in results} == {states.FAILURE}
+    assert all(isinstance(r.result, ValueError) for r in results)
+    assert migration.imported == []
+
+
+# -- configuration.rst ------------------------------------------------------------
+
+
+def test_the_configuration_example_runs_with_every_option(load: Load) -> None:
+    example = load("configuration")
+    task = example.app.tasks[example.charge.name]
+    assert (task.flush_every, task.flush_interval) == (200, 2.5)
+    assert task.acks_late and task.reject_on_worker_lost and task.per_request_results
+    assert (task.soft_time_limit, task.time_limit) == (50, 60)
+    with running(example.app, flush_interval=0.2) as flushes:
+        results = [
+            example.charge.delay(account=account, amount=amount)
+            for account, amount in [("a", 5), ("b", 7), ("a", 9)]
+        ]
+        receipts = [r.get(timeout=20) for r in results]
+    assert [r.split("-")[0] for r in receipts] == ["a", "b", "a"]
+    assert sorted(example.payments.charges) == [("a", [5, 9]), ("b", [7])]
+    assert {f["key"] for f in flushes} == {"a", "b"}
