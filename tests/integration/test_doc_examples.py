@@ -269,6 +269,7 @@ def test_self_retry_in_a_bound_body_retries_the_batch(per_request: Any) -> None:
     assert per_request.push_provider["available"] is True
 
 
+@pytest.mark.redis
 def test_results_are_stored_in_bulk_on_redis(
     load: Load, monkeypatch: pytest.MonkeyPatch
 ) -> None:
