@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from celery import current_app, signals, states
 from celery.app.task import Context
 from celery.exceptions import MaxRetriesExceededError
+from celery.utils.log import get_logger
 from celery.utils.time import get_exponential_backoff_interval
 
 from ._compat import request_context
@@ -18,6 +19,8 @@ if TYPE_CHECKING:
     from celery.worker.request import Request
 
 __all__ = ["SimpleRequest"]
+
+logger = get_logger(__name__)
 
 
 class SimpleRequest:
@@ -218,6 +221,14 @@ class SimpleRequest:
         """
         from .trace import settle_failure
 
+        if self._outcome is not None:
+            logger.warning(
+                "Request %s[%s] was already settled as %s; not retrying it",
+                self.name,
+                self.id,
+                self._outcome[0],
+            )
+            return
         task = self.task
         ctx = self.context
         retries = int(ctx.retries or 0)
@@ -230,12 +241,15 @@ class SimpleRequest:
             settle_failure(task, self, failure)
             return
         if countdown is None and eta is None:
-            if task.retry_backoff:
+            # Celery sets the backoff attributes only on tasks that name them;
+            # its own defaults are False, 600 and True.
+            backoff = getattr(task, "retry_backoff", False)
+            if backoff:
                 countdown = get_exponential_backoff_interval(
-                    factor=int(task.retry_backoff),
+                    factor=int(backoff),
                     retries=retries,
-                    maximum=task.retry_backoff_max,
-                    full_jitter=task.retry_jitter,
+                    maximum=getattr(task, "retry_backoff_max", 600),
+                    full_jitter=getattr(task, "retry_jitter", True),
                 )
             else:
                 countdown = task.default_retry_delay

@@ -52,8 +52,9 @@ def apply_batch(
     The batch runs as the worker would run it: signals fire, requests the
     body settles keep their outcome, ``per_request_results`` is honoured, and
     a body that raises fails every request it left unsettled. No worker or
-    broker is needed; results go to the app's result backend only where the
-    body stores them (``mark_as_done`` and friends).
+    broker is needed. Results and failures reach the app's result backend
+    as they would in a worker: what the body settles, what
+    ``per_request_results`` returns, and the failures of a body that raises.
 
     Arguments:
         task: the batch task.
