@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from celery import Celery
 from celery.contrib.testing.worker import start_worker
-from kombu import Connection
+from kombu.connection import Connection
 from kombu.utils.uuid import uuid
 
 from tests.app import Journal, create_app

@@ -41,7 +41,7 @@ def test_failing_batch_fails_every_request(worker: Worker, protocol: int) -> Non
     task = worker.app.tasks["tests.boom"]
     results = [task.delay(i) for i in range(3)]
     for r in results:
-        wait_for(lambda r=r: r.state == "FAILURE", what=f"{r.id} FAILURE")
+        wait_for(r.failed, what=f"{r.id} FAILURE")
         assert isinstance(r.result, ValueError)
         assert r.traceback and "boom" in r.traceback
     wait_for(
@@ -54,7 +54,7 @@ def test_body_settles_each_request(worker: Worker, protocol: int) -> None:
     task = worker.app.tasks["tests.settle"]
     results = [task.delay(i) for i in range(4)]
     for i, r in enumerate(results):
-        wait_for(lambda r=r: r.ready(), what=f"{r.id} ready")
+        wait_for(r.ready, what=f"{r.id} ready")
         if i % 2:
             assert r.state == "FAILURE" and isinstance(r.result, KeyError)
         else:

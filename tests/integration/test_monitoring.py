@@ -6,6 +6,7 @@ import os
 import threading
 from collections import defaultdict
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import pytest
@@ -91,6 +92,9 @@ class EventLog:
         self.thread.join(10)
         self.conn.release()
 
+    def has(self, task_id: str, event_type: str) -> bool:
+        return event_type in self.types(task_id)
+
     def types(self, task_id: str) -> list[str]:
         with self.lock:
             return list(self.events.get(task_id, ()))
@@ -105,15 +109,10 @@ def test_each_request_emits_its_own_events(events_worker: Worker) -> None:
         retried = app.tasks["tests.retrying"].delay(1)
         # then each request has its own received/started/outcome events
         for r in ok:
-            wait_for(
-                lambda r=r: "task-succeeded" in log.types(r.id),
-                what=f"succeeded {r.id}",
-            )
+            wait_for(partial(log.has, r.id, "task-succeeded"), what=f"ok {r.id}")
             assert log.types(r.id)[:2] == ["task-received", "task-started"]
         for r in bad:
-            wait_for(
-                lambda r=r: "task-failed" in log.types(r.id), what=f"failed {r.id}"
-            )
+            wait_for(partial(log.has, r.id, "task-failed"), what=f"failed {r.id}")
             assert log.types(r.id)[:2] == ["task-received", "task-started"]
         wait_for(lambda: "task-retried" in log.types(retried.id), what="task-retried")
         wait_for(
