@@ -45,9 +45,14 @@ __all__ = [
     "RedisServer",
     "Spawn",
     "exit_code",
+    "free_port",
     "kill_worker",
+    "port_open",
     "queue_depth",
+    "redis_urls",
+    "require_binary",
     "run_counts",
+    "states",
     "worker_pids",
 ]
 
