@@ -10,7 +10,12 @@ from celery._state import _task_stack
 if TYPE_CHECKING:
     from celery.worker.request import Request
 
-__all__ = ["CELERY_VERSION", "current_task_stack", "request_context"]
+__all__ = [
+    "CELERY_VERSION",
+    "current_task_stack",
+    "request_context",
+    "wake_hub_with_pending_callbacks",
+]
 
 #: The installed Celery's ``(major, minor)``.
 CELERY_VERSION: tuple[int, int] = tuple(  # type: ignore[assignment]
@@ -42,3 +47,26 @@ def current_task_stack() -> tuple[Callable[[Any], None], Callable[[], Any]]:
     Celery's tracer pushes the running task onto it, and so do we.
     """
     return _task_stack.push, _task_stack.pop
+
+
+def wake_hub_with_pending_callbacks(hub: Any) -> Callable[[], None] | None:
+    """Return a tick callback that keeps ``hub`` from sleeping on ready work.
+
+    kombu 5.7's event loop runs its ready callbacks, then computes the poll
+    timeout from its timers only: a callback that re-schedules itself with
+    ``call_soon`` meanwhile (the AMQP reader does, once per frame, while
+    py-amqp still holds frames in memory) waits for the next timer, up to a
+    whole ``flush_interval`` with a solo pool on RabbitMQ. The tick runs
+    just before the poll; waking the hub's own waker makes the poll return
+    at once. Older kombu has no waker and runs ticks before the ready
+    callbacks, so there is nothing to do (``None``).
+    """
+    if not hasattr(hub, "_pop_ready") or not hasattr(hub, "_ready_lock"):
+        return None
+
+    def tick() -> None:
+        waker = hub._waker
+        if hub._ready and waker is not None:
+            waker.wake()
+
+    return tick

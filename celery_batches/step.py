@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
 from celery.bootsteps import CLOSE
 from celery.utils.log import get_logger
 
+from ._compat import wake_hub_with_pending_callbacks
 from .collector import collectors_of
 from .dispatch import inline_pool, uses_processes
 
@@ -17,6 +18,16 @@ if TYPE_CHECKING:
 __all__ = ["BatchesStep"]
 
 logger = get_logger(__name__)
+
+
+def _connected(c: Consumer) -> bool:
+    connection = getattr(c, "connection", None)
+    if connection is None:
+        return False
+    try:
+        return bool(connection.connected)
+    except Exception:
+        return False
 
 
 class BatchesStep(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -33,11 +44,28 @@ class BatchesStep(bootsteps.StartStopStep):  # type: ignore[misc]
     name = "celery_batches.BatchesStep"
     requires = ("celery.worker.consumer.tasks:Tasks",)
 
+    def __init__(self, c: Consumer, **kwargs: Any) -> None:
+        super().__init__(c, **kwargs)
+        self._tick: Any = None
+
+    def start(self, c: Consumer) -> None:
+        hub = getattr(c, "hub", None)
+        if hub is not None and self._tick is None:
+            self._tick = wake_hub_with_pending_callbacks(hub)
+            if self._tick is not None:
+                hub.on_tick.add(self._tick)
+
     def stop(self, c: Consumer) -> None:
         # Consumer.blueprint.stop() sets CLOSE before it stops the steps;
         # a connection loss restarts the steps with the blueprint running.
         if c.blueprint is not None and c.blueprint.state == CLOSE:
-            self._flush(c)
+            if _connected(c):
+                self._flush(c)
+            else:
+                # Shutting down because the broker went away: the messages
+                # are unacked and will be delivered again, so running them
+                # now would run them twice.
+                self._discard(c, "Shutdown after losing the broker")
         else:
             self._discard(c, "Broker connection lost")
 

@@ -50,7 +50,9 @@ def _fail_malformed(
         payload = body if isinstance(body, dict) else _payload_or_none(message)
         if isinstance(payload, dict):
             task_id = payload.get("id")
-    error = InvalidTaskError(f"Malformed message for batch task {task.name}: {exc!r}")
+    error = InvalidTaskError(
+        f"Malformed message for batch task {task.name}[{task_id}]: {exc!r}"
+    )
     if task_id:
         try:
             task.backend.mark_as_failure(task_id, error, store_result=True)

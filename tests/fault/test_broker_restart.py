@@ -193,18 +193,6 @@ def test_redis_connection_kill_drops_buffered_calls_and_runs_each_once(
     _drop_and_recover(worker, kill_connections, lambda: None, send_while_down=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "Library bug: BatchesStep.stop() flushes whenever the consumer "
-        "blueprint is CLOSE-ing, even when the worker shuts down because its "
-        "broker connection died (here after the upstream crash above: "
-        "Consumer.connection is already None). The buffered batch then runs "
-        "while its messages sit unacked in Redis, which delivers them again: "
-        "every call runs twice. stop() should discard, not flush, when the "
-        "connection is gone."
-    ),
-)
 def test_worker_dying_with_its_redis_connection_does_not_run_buffered_calls(
     spawn: Spawn, own_redis: RedisServer
 ) -> None:

@@ -16,8 +16,11 @@ pytestmark = pytest.mark.fault
 TASK = "tests.collect"
 
 #: How the worker's one error line about a poison message of TASK begins.
-REJECTED = (
-    "Received invalid task message: Malformed message for batch task tests.collect: "
+#: The one error line per poison message: it names the task, the message's
+#: id and the exception.
+REJECTED = re.compile(
+    r"Received invalid task message: Malformed message for batch task "
+    r"tests\.collect\[(?P<id>[^\]]+)\]: (?P<exc>\w+)\("
 )
 
 
@@ -121,10 +124,10 @@ def test_poison_messages_are_rejected_once_and_good_calls_run_once(
         bad[i]: state for i, state in failed.items() if state != "FAILURE"
     }
     errors = _error_lines(worker.log())
-    rejected = [line for line in errors if REJECTED in line]
+    rejected = [m for m in map(REJECTED.search, errors) if m is not None]
     assert len(rejected) == len(errors) == len(bad), errors
-    named = sorted(re.sub(r"\(.*", "", line.split(REJECTED, 1)[1]) for line in rejected)
-    assert named == sorted(bad.values()), errors
+    named = {m["id"]: m["exc"] for m in rejected}
+    assert named == bad, errors
     # and after a warm shutdown no message is left for a later worker: the
     # poison messages were rejected without requeue
     assert exit_code(worker) == 0, worker.log()
