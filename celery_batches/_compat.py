@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CELERY_VERSION",
     "current_task_stack",
+    "narrow_prefetch",
     "request_context",
     "wake_hub_with_pending_callbacks",
 ]
@@ -70,3 +71,17 @@ def wake_hub_with_pending_callbacks(hub: Any) -> Callable[[], None] | None:
             waker.wake()
 
     return tick
+
+
+def narrow_prefetch(qos: Any, n: int, floor: int) -> None:
+    """Take ``n`` off the prefetch window ``qos``, but not below ``floor``.
+
+    ``QoS.decrement_eventually`` stops at 1. Celery 5.7 sets the window
+    itself while it restores the prefetch count after a reconnect, which
+    can drop a widening we made; taking ``n`` off afterwards would then
+    leave the worker fetching one message at a time. ``floor`` is the
+    consumer's own window, so the window never ends below it.
+    """
+    with qos._mutex:
+        if qos.value:
+            qos.value = max(qos.value - n, floor, 1)

@@ -10,6 +10,7 @@ from celery.utils.log import get_logger
 from celery.worker.state import revoked as revoked_tasks
 from celery.worker.state import task_ready, task_reserved
 
+from ._compat import narrow_prefetch
 from .buffer import BatchBuffer
 from .dispatch import dispatch_batch
 from .request import SimpleRequest
@@ -114,7 +115,8 @@ class BatchCollector:
             self._boosted.discard(key)
             qos = self.consumer.qos
             if qos is not None:
-                qos.decrement_eventually(self.buffer.flush_every)
+                floor = getattr(self.consumer, "initial_prefetch_count", 1) or 1
+                narrow_prefetch(qos, self.buffer.flush_every, int(floor))
 
     # -- buffering --------------------------------------------------------
 

@@ -563,3 +563,20 @@ def test_a_worker_without_the_batches_step_is_warned(
     # then a warning names the task whose buffer would not be flushed
     messages = [record.getMessage() for record in caplog.records]
     assert any(task.name in m and "BatchesStep" in m for m in messages)
+
+
+def test_the_window_never_narrows_below_the_consumers_own(app: Celery) -> None:
+    # given a worker whose window was widened for waiting calls, then reset
+    # by Celery itself (5.7 does this while restoring prefetch after a
+    # reconnect), which drops our widening
+    worker = FakeWorker(app)
+    worker.consumer.initial_prefetch_count = 4
+    task = batch_task(app)
+    handler = worker.strategy(task)
+    worker.deliver(handler, make_message(app, task.s(1)))
+    assert worker.qos.value == 4 + 3
+    worker.qos.value = 4
+    # when the waiting calls flush
+    worker.fire_interval()
+    # then the window is the consumer's own again, not one message
+    assert worker.qos.value == 4
