@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from celery import bootsteps
 from celery.bootsteps import CLOSE
 from celery.utils.log import get_logger
+from celery.worker import state as worker_state
 
 from ._compat import wake_hub_with_pending_callbacks
 from .collector import collectors_of
@@ -18,6 +19,12 @@ if TYPE_CHECKING:
 __all__ = ["BatchesStep"]
 
 logger = get_logger(__name__)
+
+
+def _cold_shutdown() -> bool:
+    # Set by Celery's SIGQUIT (and second SIGINT) handler; it may hold 0.
+    flag = worker_state.should_terminate
+    return flag is not None and flag is not False
 
 
 def _connected(c: Consumer) -> bool:
@@ -59,7 +66,11 @@ class BatchesStep(bootsteps.StartStopStep):  # type: ignore[misc]
         # Consumer.blueprint.stop() sets CLOSE before it stops the steps;
         # a connection loss restarts the steps with the blueprint running.
         if c.blueprint is not None and c.blueprint.state == CLOSE:
-            if _connected(c):
+            if _cold_shutdown():
+                # A cold shutdown stops the consumer the same way, but
+                # promises nothing more runs: the unacked messages go back.
+                self._discard(c, "Cold shutdown")
+            elif _connected(c):
                 self._flush(c)
             else:
                 # Shutting down because the broker went away: the messages

@@ -326,6 +326,36 @@ def create_app(
         # be checked for calls run twice or never.
         record(requests)
 
+    @app.task(
+        base=Batches,
+        name="tests.fault_soft",
+        flush_every=2,
+        flush_interval=0.3,
+        soft_time_limit=1,
+        time_limit=20,
+        per_request_results=True,
+        shared=False,
+    )
+    def fault_soft(requests: list[SimpleRequest]) -> list[Any]:
+        # Sleeps past its soft limit: SoftTimeLimitExceeded is raised in here.
+        record(requests)
+        time.sleep(max(r.args[0] for r in requests))
+        return [r.args[0] for r in requests]
+
+    @app.task(
+        base=Batches,
+        name="tests.fault_long",
+        flush_every=2,
+        flush_interval=0.3,
+        per_request_results=True,
+        shared=False,
+    )
+    def fault_long(requests: list[SimpleRequest]) -> list[Any]:
+        # Runs until its gate file is removed (bounded), to be terminated.
+        record(requests)
+        wait_at_gate()
+        return [r.args[0] for r in requests]
+
     # -- what the worker tells, recorded so the test process can see it ---
 
     @batch_flushed.connect(weak=False)
