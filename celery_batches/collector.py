@@ -157,13 +157,7 @@ class BatchCollector:
 
     def on_interval(self) -> None:
         """Timer callback: flush every waiting request."""
-        with self.lock:
-            batches = list(self.buffer.drain())
-            for key, _ in batches:
-                self._unboost(key)
-            self._cancel_timer()
-        for key, batch in batches:
-            self.dispatch(batch, key, "interval")
+        self.flush_all("interval")
 
     # -- ETA --------------------------------------------------------------
 

@@ -164,6 +164,19 @@ class SimpleRequest:
         """The state this request was settled with, or ``None``."""
         return None if self._outcome is None else self._outcome[0]
 
+    def _refuses(self, what: str) -> bool:
+        """Return ``True`` (and warn) if settled already: the first outcome stands."""
+        if self._outcome is None:
+            return False
+        logger.warning(
+            "Request %s[%s] was already settled as %s; ignoring %s",
+            self.name,
+            self.id,
+            self._outcome[0],
+            what,
+        )
+        return True
+
     @property
     def context(self) -> Context:
         """This call's :class:`celery.app.task.Context` (``task.request``)."""
@@ -221,13 +234,7 @@ class SimpleRequest:
         """
         from .trace import settle_failure
 
-        if self._outcome is not None:
-            logger.warning(
-                "Request %s[%s] was already settled as %s; not retrying it",
-                self.name,
-                self.id,
-                self._outcome[0],
-            )
+        if self._refuses("a retry"):
             return
         task = self.task
         ctx = self.context

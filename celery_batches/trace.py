@@ -49,13 +49,7 @@ def _push_context(task: Task, request: SimpleRequest) -> None:
 
 def settle_success(task: Task, request: SimpleRequest, result: Any) -> None:
     """Store ``result`` for ``request`` with a plain task's side effects."""
-    if request._outcome is not None:
-        logger.warning(
-            "Request %s[%s] was already settled as %s; ignoring new result",
-            request.name,
-            request.id,
-            request._outcome[0],
-        )
+    if request._refuses("a new result"):
         return
     ctx = request.context
     app = task.app
@@ -98,14 +92,7 @@ def settle_failure(
     einfo: ExceptionInfo | None = None,
 ) -> None:
     """Store ``exc`` as the failure of ``request`` and fire ``task_failure``."""
-    if request._outcome is not None:
-        logger.warning(
-            "Request %s[%s] was already settled as %s; ignoring failure %r",
-            request.name,
-            request.id,
-            request._outcome[0],
-            exc,
-        )
+    if request._refuses("a failure"):
         return
     if einfo is None:
         einfo = exception_info(exc)
