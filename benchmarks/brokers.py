@@ -221,6 +221,32 @@ def delete_queue(url: str, queue: str) -> None:
     """Delete ``queue`` (and its messages); errors are ignored."""
     with suppress(Exception):
         _bound(url, queue, "delete")
+    if url.startswith("redis"):
+        with suppress(Exception):
+            _forget_unacked(url, queue)
+
+
+def _forget_unacked(url: str, queue: str) -> None:
+    # Kombu's Redis transport keeps delivered, unacked messages in one hash
+    # shared by every queue, and puts them back in their queue after the
+    # visibility timeout. A worker stopped with messages in flight can leave
+    # a few there, which would bring a deleted queue back an hour later.
+    import json
+
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=10)
+    mine = []
+    for tag, value in client.hscan_iter("unacked", count=1000):
+        try:
+            _message, _exchange, routing_key = json.loads(value)
+        except (ValueError, TypeError):
+            continue
+        if routing_key == queue:
+            mine.append(tag)
+    if mine:
+        client.hdel("unacked", *mine)
+        client.zrem("unacked_index", *mine)
 
 
 def delete_results(url: str, ids: list[str]) -> None:
