@@ -27,15 +27,20 @@ CELERY_VERSION: tuple[int, int] = tuple(  # type: ignore[assignment]
 def request_context(request: Request) -> dict[str, Any]:
     """Return the request dict with callbacks, errbacks, chain and chord.
 
-    Celery 5.2 to 5.7 all build the execution context in the private
-    ``Request._context``, which folds the message's embedded options into
-    ``request_dict``; reading it keeps us on Celery's own decoding. When a
-    Celery release renames it, the fallback assembles the same dict.
+    The message's embedded options ride in the decoded body; Celery's own
+    ``execute_using_pool`` folds them into the request dict the same way.
+    ``Request._payload`` is private but present from 5.2 to 5.7; this runs
+    once per message, and building Celery's ``Request._context`` instead
+    would cost a throw-away ``Context`` each time.
     """
-    context = getattr(request, "_context", None)
-    if context is not None:
-        return request.request_dict  # type: ignore[no-any-return]
-    request_dict: dict[str, Any] = dict(request.request_dict)
+    request_dict: dict[str, Any] = request.request_dict
+    payload = getattr(request, "_payload", None)
+    if payload is not None:
+        embed = payload[2]
+        if embed:
+            request_dict.update(embed)
+        return request_dict
+    request_dict = dict(request_dict)
     request_dict.setdefault("chord", request.chord)
     request_dict.setdefault("errbacks", request.errbacks)
     return request_dict
@@ -50,24 +55,36 @@ def current_task_stack() -> tuple[Callable[[Any], None], Callable[[], Any]]:
     return _task_stack.push, _task_stack.pop
 
 
-def wake_hub_with_pending_callbacks(hub: Any) -> Callable[[], None] | None:
+def wake_hub_with_pending_callbacks(
+    hub: Any, qos_of: Callable[[], Any]
+) -> Callable[[], None] | None:
     """Return a tick callback that keeps ``hub`` from sleeping on ready work.
 
     kombu 5.7's event loop runs its ready callbacks, then computes the poll
     timeout from its timers only: a callback that re-schedules itself with
     ``call_soon`` meanwhile (the AMQP reader does, once per frame, while
     py-amqp still holds frames in memory) waits for the next timer, up to a
-    whole ``flush_interval`` with a solo pool on RabbitMQ. The tick runs
+    whole ``flush_interval`` with a solo pool on RabbitMQ. The same holds
+    for a prefetch window we widened: Celery sends it to the broker between
+    two turns of the loop, so the loop must not sleep first. The tick runs
     just before the poll; waking the hub's own waker makes the poll return
     at once. Older kombu has no waker and runs ticks before the ready
     callbacks, so there is nothing to do (``None``).
+
+    Arguments:
+        hub: the worker's event loop.
+        qos_of: returns the consumer's current prefetch window (it is
+            replaced on every reconnect).
     """
     if not hasattr(hub, "_pop_ready") or not hasattr(hub, "_ready_lock"):
         return None
 
     def tick() -> None:
         waker = hub._waker
-        if hub._ready and waker is not None:
+        if waker is None:
+            return
+        qos = qos_of()
+        if hub._ready or (qos is not None and qos.prev != qos.value):
             waker.wake()
 
     return tick

@@ -58,7 +58,9 @@ class BatchesStep(bootsteps.StartStopStep):  # type: ignore[misc]
     def start(self, c: Consumer) -> None:
         hub = getattr(c, "hub", None)
         if hub is not None and self._tick is None:
-            self._tick = wake_hub_with_pending_callbacks(hub)
+            self._tick = wake_hub_with_pending_callbacks(
+                hub, lambda: getattr(c, "qos", None)
+            )
             if self._tick is not None:
                 hub.on_tick.add(self._tick)
 
