@@ -7,6 +7,7 @@ machine without a server those tests skip; under CI (``CI=true``) they fail.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -18,10 +19,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
-from celery import Celery
+from celery import Celery, _state
 from celery.contrib.testing.worker import start_worker
 from kombu.connection import Connection
 from kombu.utils.uuid import uuid
@@ -82,6 +84,30 @@ def require_server(url: str) -> None:
         if IN_CI:
             pytest.fail(f"broker test cannot run under CI: {problem}")
         pytest.skip(f"server not reachable: {problem}")
+
+
+#: The runnable examples the documentation includes.
+EXAMPLES = ROOT / "docs" / "examples"
+
+
+@contextmanager
+def loading() -> Iterator[Callable[[str], Any]]:
+    """Import modules of docs/examples afresh, so each test has its own state."""
+    finalizers = set(_state._on_app_finalizers)
+
+    def load(name: str) -> ModuleType:
+        spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    try:
+        yield load
+    finally:
+        # The examples' tasks are shared tasks (Celery's default): forget
+        # them, or every app finalized later in the session would get them.
+        _state._on_app_finalizers.intersection_update(finalizers)
 
 
 BROKERS = {

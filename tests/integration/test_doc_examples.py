@@ -9,7 +9,6 @@ Redis server for the bulk-results promise) and check what the pages say.
 from __future__ import annotations
 
 import doctest
-import importlib.util
 import sys
 import textwrap
 import threading
@@ -18,18 +17,17 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
-from celery import Celery, _state, signals, states
+from celery import Celery, signals, states
 from celery.contrib.testing.worker import start_worker
 from kombu.utils.uuid import uuid
 
 from celery_batches import Batches, SimpleRequest
 from celery_batches.signals import batch_flushed
 from celery_batches.testing import apply_batch
-from tests.conftest import REDIS_BACKEND, ROOT, require_server, wait_for
+from tests.conftest import REDIS_BACKEND, ROOT, loading, require_server, wait_for
 
 DOCS = ROOT / "docs"
 EXAMPLES = DOCS / "examples"
@@ -37,26 +35,6 @@ EXAMPLES = DOCS / "examples"
 Flushes = list[dict[str, Any]]
 # The examples are loaded from files: their attributes are not known to mypy.
 Load = Callable[[str], Any]
-
-
-@contextmanager
-def loading() -> Iterator[Load]:
-    """Import modules of docs/examples afresh, so each test has its own state."""
-    finalizers = set(_state._on_app_finalizers)
-
-    def load(name: str) -> ModuleType:
-        spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-
-    try:
-        yield load
-    finally:
-        # The examples' tasks are shared tasks (Celery's default): forget
-        # them, or every app finalized later in the session would get them.
-        _state._on_app_finalizers.intersection_update(finalizers)
 
 
 @pytest.fixture

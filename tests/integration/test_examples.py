@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import sqlite3
 from collections import Counter
@@ -13,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from celery import Celery, _state
+from celery import Celery
 from celery.contrib.testing.worker import start_worker
 from celery.result import AsyncResult
 from kombu.transport import memory
@@ -21,9 +20,7 @@ from kombu.utils.uuid import uuid
 
 from celery_batches import Batches
 from celery_batches.signals import batch_flushed
-from tests.conftest import ROOT, wait_for
-
-EXAMPLES = ROOT / "docs" / "examples"
+from tests.conftest import loading, wait_for
 
 Flushes = list[dict[str, Any]]
 #: Imports an example by name. Its module is typed Any: it is loaded from a
@@ -53,19 +50,8 @@ class PromptMemoryTransport(memory.Transport):
 @pytest.fixture
 def load_example() -> Iterator[LoadExample]:
     """Import an example afresh, so each test has its own app and state."""
-    finalizers = set(_state._on_app_finalizers)
-
-    def load(name: str) -> Any:
-        spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-
-    yield load
-    # The examples' tasks are shared tasks, Celery's default: without this,
-    # every app the rest of the session finalizes would get them too.
-    _state._on_app_finalizers.intersection_update(finalizers)
+    with loading() as load:
+        yield load
 
 
 @contextmanager
