@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
 from celery.bootsteps import CLOSE
+from celery.exceptions import WorkerTerminate
 from celery.utils.log import get_logger
 from celery.worker import state as worker_state
 
@@ -22,9 +24,14 @@ logger = get_logger(__name__)
 
 
 def _cold_shutdown() -> bool:
-    # Set by Celery's SIGQUIT (and second SIGINT) handler; it may hold 0.
+    # Celery's SIGQUIT (and second SIGINT) handler sets should_terminate (it
+    # may hold 0) when other threads run; in a single-threaded worker it
+    # raises WorkerTerminate instead (Celery 5.2), and the worker stops its
+    # steps while handling it, so that exception is the one in flight here.
     flag = worker_state.should_terminate
-    return flag is not None and flag is not False
+    if flag is not None and flag is not False:
+        return True
+    return isinstance(sys.exc_info()[1], WorkerTerminate)
 
 
 def _connected(c: Consumer) -> bool:
