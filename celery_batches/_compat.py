@@ -76,11 +76,12 @@ def wake_hub_with_pending_callbacks(
         qos_of: returns the consumer's current prefetch window (it is
             replaced on every reconnect).
     """
-    if not hasattr(hub, "_pop_ready") or not hasattr(hub, "_ready_lock"):
+    # kombu 5.5 already has _pop_ready and _ready_lock but no waker yet.
+    if not all(hasattr(hub, name) for name in ("_pop_ready", "_ready", "_waker")):
         return None
 
     def tick() -> None:
-        waker = hub._waker
+        waker = getattr(hub, "_waker", None)
         if waker is None:
             return
         qos = qos_of()
