@@ -4,24 +4,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
-import celery
 from celery._state import _task_stack
 
 if TYPE_CHECKING:
     from celery.worker.request import Request
 
 __all__ = [
-    "CELERY_VERSION",
     "current_task_stack",
     "narrow_prefetch",
     "request_context",
     "wake_hub_with_pending_callbacks",
 ]
-
-#: The installed Celery's ``(major, minor)``.
-CELERY_VERSION: tuple[int, int] = tuple(  # type: ignore[assignment]
-    int(part) for part in celery.__version__.split(".")[:2]
-)
 
 
 def request_context(request: Request) -> dict[str, Any]:

@@ -120,10 +120,6 @@ class BatchCollector:
 
     # -- buffering --------------------------------------------------------
 
-    def key_for(self, request: Request) -> Hashable:
-        """Return the batch key of ``request`` (``None`` without ``batch_key``)."""
-        return self.key_of(request) if self.key_of is not None else None
-
     def add(self, request: Request, key: Hashable = None, reason: str = "size") -> None:
         """Buffer ``request`` under ``key``; flush the key's batch if it is full."""
         with self.lock:
@@ -251,8 +247,3 @@ class BatchCollector:
         for request in (*waiting, *held):
             task_ready(request)
         return len(waiting) + len(held)
-
-    @property
-    def held(self) -> int:
-        """Number of requests waiting for their ETA."""
-        return len(self._held)

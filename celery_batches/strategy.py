@@ -99,7 +99,7 @@ def batches_strategy(
     task._pool = consumer.pool
     add = collector.add
     hold = collector.hold
-    key_for = collector.key_for if collector.key_of is not None else None
+    key_of = collector.key_of
     if "celery_batches.BatchesStep" not in consumer.blueprint.steps:
         logger.warning(STEP_MISSING, task.name)
 
@@ -146,7 +146,7 @@ def batches_strategy(
                     "args must be a list and kwargs a mapping, got "
                     f"{type(args).__name__} and {type(kwargs).__name__}"
                 )
-            key = key_for(req) if key_for is not None else None
+            key = key_of(req) if key_of is not None else None
         except InvalidTaskError as exc:
             # Celery's own checks (bad ETA string, bad expires): the
             # consumer rejects the message; store the failure first.
