@@ -10,6 +10,7 @@ from celery.exceptions import InvalidTaskError
 from celery.utils.log import get_logger
 from celery.worker.state import task_ready
 
+from .acks import ack_together
 from .request import SimpleRequest
 from .trace import Outcome, execute_batch, run_batch
 
@@ -41,11 +42,14 @@ class BatchJob:
     ``inspect active`` and failure handling stay exactly Celery's.
     """
 
-    __slots__ = ("requests", "task_name")
+    __slots__ = ("acks_late", "requests", "task_name")
 
-    def __init__(self, task_name: str, requests: list[Request]) -> None:
+    def __init__(
+        self, task_name: str, requests: list[Request], acks_late: bool = False
+    ) -> None:
         self.task_name = task_name
         self.requests = requests
+        self.acks_late = acks_late
 
     def _each(self, method: str, *args: Any) -> None:
         for request in self.requests:
@@ -58,8 +62,18 @@ class BatchJob:
                     "Error in %s of %s[%s]", method, request.name, request.id
                 )
 
+    def _ack_together(self, requests: list[Request]) -> None:
+        try:
+            ack_together(requests)
+        except Exception:
+            # Whatever it did not take, Celery's handlers ack one by one.
+            logger.exception("Cannot ack a batch of %s together", self.task_name)
+
     def on_accepted(self, pid: int, time_accepted: float) -> None:
         """The pool started the batch: ack early-acked messages, emit events."""
+        if not self.acks_late:
+            # Before Celery's handlers, which then find them acknowledged.
+            self._ack_together(self.requests)
         self._each("on_accepted", pid, time_accepted)
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
@@ -82,6 +96,16 @@ class BatchJob:
 
     def on_success(self, outcomes: list[Outcome]) -> None:
         """The batch ran: settle each message by its own outcome."""
+        if self.acks_late:
+            # Succeeded requests are acked together before Celery's
+            # handlers run; failed ones follow Celery's failure rules.
+            self._ack_together(
+                [
+                    request
+                    for request, outcome in zip(self.requests, outcomes)
+                    if not outcome[0]
+                ]
+            )
         for request, outcome in zip(self.requests, outcomes):
             try:
                 request.on_success(outcome)
@@ -149,7 +173,7 @@ def dispatch_batch(
         simple.append(snapshot)
     if not runnable:
         return None
-    job = BatchJob(task.name, runnable)
+    job = BatchJob(task.name, runnable, bool(task.acks_late))
     target = execute_batch if in_processes else _execute_in_process
     return pool.apply_async(
         target,

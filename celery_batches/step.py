@@ -12,6 +12,7 @@ from celery.utils.log import get_logger
 from celery.worker import state as worker_state
 
 from ._compat import wake_hub_with_pending_callbacks
+from .acks import install_group_acks
 from .collector import collectors_of
 from .dispatch import inline_pool, uses_processes
 
@@ -63,6 +64,12 @@ class BatchesStep(bootsteps.StartStopStep):  # type: ignore[misc]
         self._tick: Any = None
 
     def start(self, c: Consumer) -> None:
+        # Runs after the Tasks step made the task consumer and before the
+        # event loop delivers anything on its channel (again after every
+        # reconnect, on the new channel).
+        task_consumer = getattr(c, "task_consumer", None)
+        if task_consumer is not None:
+            install_group_acks(task_consumer.channel, c)
         hub = getattr(c, "hub", None)
         if hub is not None and self._tick is None:
             self._tick = wake_hub_with_pending_callbacks(

@@ -356,6 +356,14 @@ def create_app(
         wait_at_gate()
         return [r.args[0] for r in requests]
 
+    @app.task(name="tests.fault_plain_late", acks_late=True, shared=False)
+    def fault_plain_late(value: int) -> int:
+        # A plain task whose message stays unacked while it runs: batches
+        # acked meanwhile must not ack it with theirs.
+        log.write("plain", value, os.getpid())
+        wait_at_gate()
+        return value
+
     # -- what the worker tells, recorded so the test process can see it ---
 
     @batch_flushed.connect(weak=False)

@@ -140,3 +140,33 @@ def test_killed_child_fails_batch_without_reject_on_worker_lost(
     assert exit_code(worker) == 0, worker.log()
     assert queue_depth(worker) == 0
     assert run_counts(worker, ids) == dict.fromkeys(ids, 1)
+
+
+def test_batch_acks_leave_an_older_running_message_unacked(
+    spawn: Spawn, gate: Path
+) -> None:
+    # given a prefork worker on RabbitMQ running a plain late-acked task, its
+    # message unacked, and then a full batch of 8 early-acked calls that
+    # runs to the end meanwhile
+    gate.touch()
+    first = spawn("rabbitmq", "prefork")
+    plain = first.app.tasks["tests.fault_plain_late"].delay(7)
+    wait_for(lambda: first.journal.events("plain"), what="the plain task to run")
+    batch_task = first.app.tasks["tests.fault_restart"]
+    ids = [batch_task.delay(i).id for i in range(8)]
+    wait_for(lambda: states(first, ids) == ["SUCCESS"] * 8, what="the batch")
+
+    # when the worker is killed with SIGKILL and a new one starts on its
+    # queue, and one more call is sent after the redelivered messages
+    kill_worker(first)
+    gate.unlink()
+    second = spawn("rabbitmq", "prefork", queue=first.queue)
+    last = batch_task.delay(8).id
+    wait_for(lambda: states(second, [last]) == ["SUCCESS"], timeout=40,
+             what="the call sent after the kill")  # fmt: skip
+
+    # then the plain task's message came back and ran again, while the
+    # batch's messages, acked before the kill, did not
+    wait_for(lambda: plain.state == "SUCCESS", timeout=40, what="the plain task")
+    assert len(second.journal.events("plain")) == 2
+    assert run_counts(second, ids) == {task_id: 1 for task_id in ids}

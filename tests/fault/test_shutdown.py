@@ -6,9 +6,18 @@ import re
 from typing import Any
 
 import pytest
+import redis
 
 from tests.conftest import Worker, wait_for
-from tests.fault.conftest import Spawn, exit_code, run_counts, states, worker_pids
+from tests.fault.conftest import (
+    RedisServer,
+    Spawn,
+    exit_code,
+    redis_urls,
+    run_counts,
+    states,
+    worker_pids,
+)
 
 pytestmark = pytest.mark.fault
 
@@ -97,3 +106,39 @@ def test_restart_after_warm_shutdown_runs_each_call_exactly_once(
     }
     assert not {runs_by_id[r.id] for r in held} & first_pids
     assert [r.result for r in held] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("broker", ["own-redis", "rabbitmq"])
+def test_late_acked_batches_that_ran_are_not_delivered_again(
+    spawn: Spawn, broker: str, request: pytest.FixtureRequest
+) -> None:
+    # given a prefork worker that ran two full batches of a late-acked task
+    options: dict[str, Any] = {}
+    server: RedisServer | None = None
+    if broker == "own-redis":
+        # A database of its own: Kombu keeps every queue's unacked messages
+        # in one hash per database.
+        server = request.getfixturevalue("own_redis")
+        db = server.fresh_db()
+        options = {"urls": redis_urls(server, db)}
+    first = spawn(broker, "prefork", **options)
+    task = first.app.tasks["tests.fault_late_requeue"]
+    ids = [task.delay(i).id for i in range(8)]
+    wait_for(lambda: states(first, ids) == ["SUCCESS"] * 8, what="both batches")
+
+    # when it gets SIGTERM
+    assert exit_code(first) == 0, first.log()
+
+    # then the acks of both batches reached the broker: on Redis nothing is
+    # left in the transport's unacked index (from where it would come back
+    # after the visibility timeout)
+    if server is not None:
+        index = redis.Redis(port=server.port, db=db, socket_timeout=2)
+        assert index.hlen("unacked") == 0
+    # and a new worker on the same queue runs none of them again (one more
+    # call, sent after anything that went back, shows it has caught up)
+    second = spawn(broker, "prefork", queue=first.queue, **options)
+    last = task.delay(8).id
+    wait_for(lambda: states(second, [last]) == ["SUCCESS"], timeout=40,
+             what="the call sent after the restart")  # fmt: skip
+    assert run_counts(second, ids) == dict.fromkeys(ids, 1)

@@ -1,0 +1,336 @@
+"""Acknowledging a batch's messages in one go instead of one by one.
+
+Celery acks each message on its own: a ``basic.ack`` frame each on
+RabbitMQ, a round trip to the server each on Redis. A batch's messages are
+acked at the same moment, so this module acks them together where the
+transport allows it, with the same outcome on the broker:
+
+- **RabbitMQ** (py-amqp): AMQP lets a consumer ack every outstanding
+  delivery up to a tag with one frame (``multiple=True``). Done blindly that
+  would also ack messages of other tasks the worker still holds, so the
+  task consumer's channel keeps a :class:`SettledTags` ledger of the
+  delivery tags already acked or rejected on it. A batch goes in one frame
+  only when every tag below its highest one is in the batch or settled
+  already; otherwise (a plain task with ``acks_late`` still running, a
+  request waiting for its ETA) its messages are acked one by one.
+- **Redis**: each ack removes the message from the transport's unacked
+  index; the batch's removals go to the server in one pipeline.
+
+Other transports keep Celery's own acks.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from functools import partial
+from typing import TYPE_CHECKING, Any, Callable
+
+from celery.utils.log import get_logger
+
+if TYPE_CHECKING:
+    from celery.worker.consumer import Consumer
+    from celery.worker.request import Request
+    from kombu.message import Message
+
+__all__ = ["GroupAcker", "SettledTags", "ack_together", "install_group_acks"]
+
+logger = get_logger(__name__)
+
+#: Attribute of a channel that holds its :class:`GroupAcker`.
+ACKER_ATTRIBUTE = "_celery_batches_acker"
+
+#: Tags settled out of order that a ledger remembers before it gives up.
+#: They pile up only while an older message stays unacked (a long ETA, a
+#: long-running late-acked task), and while it does no batch can be acked
+#: with one frame anyway.
+MAX_OUT_OF_ORDER = 65_536
+
+
+class SettledTags:
+    """The delivery tags of one AMQP channel that are acked or rejected.
+
+    Tags are numbered from 1 per channel in delivery order. ``through`` is
+    the highest tag with every tag up to it settled; ``above`` holds the
+    settled tags past it.
+    """
+
+    __slots__ = ("_lock", "above", "through", "usable")
+
+    def __init__(self) -> None:
+        self.through = 0
+        self.above: set[int] = set()
+        #: False once the ledger cannot be trusted for this channel.
+        self.usable = True
+        self._lock = threading.Lock()
+
+    def settle(self, tag: int, multiple: bool = False) -> None:
+        """Record that ``tag`` (and every tag below it if ``multiple``) is settled."""
+        with self._lock:
+            if multiple:
+                if tag == 0:
+                    # "Everything outstanding": the ledger cannot tell
+                    # which tags that was.
+                    self._give_up()
+                    return
+                if tag > self.through:
+                    self.through = tag
+                    self.above = {t for t in self.above if t > tag}
+            elif tag > self.through:
+                self.above.add(tag)
+            above = self.above
+            through = self.through
+            while through + 1 in above:
+                through += 1
+                above.discard(through)
+            self.through = through
+            if len(above) > MAX_OUT_OF_ORDER:
+                self._give_up()
+
+    def _give_up(self) -> None:
+        self.usable = False
+        self.above = set()
+
+    def coverable(self, tags: list[int]) -> int:
+        """Return how many of the ascending ``tags`` one multiple ack may cover.
+
+        That is the longest prefix such that every tag up to its last one
+        is either in the prefix or already settled.
+        """
+        with self._lock:
+            if not self.usable:
+                return 0
+            above = self.above
+            expected = self.through + 1
+            covered = 0
+            for tag in tags:
+                while expected < tag:
+                    if expected not in above:
+                        return covered
+                    expected += 1
+                if tag != expected:
+                    # Already settled, or given twice: not ours to ack.
+                    return covered
+                expected += 1
+                covered += 1
+            return covered
+
+
+class GroupAcker:
+    """Acks several messages of one channel with fewer round trips."""
+
+    __slots__ = ("call_soon", "connection_errors")
+
+    def __init__(
+        self,
+        call_soon: Callable[[Callable[[], Any]], Any],
+        connection_errors: tuple[type[BaseException], ...] = (),
+    ) -> None:
+        #: Runs a callback in the consumer's thread, as Celery runs its acks.
+        self.call_soon = call_soon
+        #: What a lost connection raises: logged, not raised, as kombu does.
+        self.connection_errors = connection_errors
+
+    @property
+    def usable(self) -> bool:
+        """False if this channel's messages must keep Celery's own acks."""
+        return True
+
+    def ack(self, messages: list[Message]) -> None:
+        """Ack ``messages``; runs in the consumer's thread."""
+        raise NotImplementedError
+
+    def _ack_each(self, messages: Iterable[Message]) -> None:
+        for message in messages:
+            if not message.acknowledged:
+                message.ack_log_error(  # type: ignore[no-untyped-call]
+                    logger, self.connection_errors
+                )
+
+    def _failed(self, count: int) -> None:
+        # As kombu's ack_log_error: the messages come back after the
+        # reconnect, which the consumer is about to do.
+        logger.critical("Couldn't ack a batch of %d messages", count, exc_info=True)
+
+
+class AMQPAcker(GroupAcker):
+    """Acks a batch with one ``multiple=True`` frame where the ledger allows."""
+
+    __slots__ = ("ledger",)
+
+    def __init__(self, ledger: SettledTags, *args: Any) -> None:
+        super().__init__(*args)
+        self.ledger = ledger
+
+    @property
+    def usable(self) -> bool:
+        return self.ledger.usable
+
+    def ack(self, messages: list[Message]) -> None:
+        messages.sort(key=_delivery_tag)
+        covered = self.ledger.coverable([m.delivery_tag for m in messages])
+        if covered > 1:
+            last = messages[covered - 1]
+            try:
+                last.channel.basic_ack(last.delivery_tag, multiple=True)
+            except BrokenPipeError:
+                self._failed(covered)
+                raise
+            except self.connection_errors:
+                self._failed(covered)
+                return
+            for message in messages[:covered]:
+                message._state = "ACK"
+        else:
+            covered = 0
+        self._ack_each(messages[covered:])
+
+
+class RedisAcker(GroupAcker):
+    """Acks a batch with one pipeline to the Redis server."""
+
+    __slots__ = ()
+
+    def ack(self, messages: list[Message]) -> None:
+        from kombu.transport.virtual.base import QoS as VirtualQoS
+
+        qos = messages[0].channel.qos
+        try:
+            with qos.pipe_or_acquire() as pipe:
+                for message in messages:
+                    qos._remove_from_indices(message.delivery_tag, pipe)
+                pipe.execute()
+        except BrokenPipeError:
+            self._failed(len(messages))
+            raise
+        except self.connection_errors:
+            self._failed(len(messages))
+            return
+        for message in messages:
+            # What the Redis QoS.ack does after its own round trip.
+            VirtualQoS.ack(qos, message.delivery_tag)  # type: ignore[no-untyped-call]
+            message._state = "ACK"
+
+
+def install_group_acks(channel: Any, consumer: Consumer) -> GroupAcker | None:
+    """Let batches of ``channel``'s messages be acked together; return how.
+
+    Returns ``None`` (and leaves the channel alone) for transports whose
+    acks stay Celery's. On RabbitMQ this must run before the channel
+    delivers anything: a tag settled before the ledger exists counts as
+    unsettled for ever, which is safe but keeps every batch on that
+    channel to one frame per message.
+    """
+    acker: GroupAcker | None = getattr(channel, ACKER_ATTRIBUTE, None)
+    if acker is not None:
+        return acker
+    call_soon = getattr(consumer, "call_soon_ack", None) or consumer.call_soon
+    errors = tuple(consumer.connection_errors)
+    if _is_amqp(channel):
+        acker = AMQPAcker(_track_settlements(channel), call_soon, errors)
+    elif _is_redis(channel):
+        acker = RedisAcker(call_soon, errors)
+    else:
+        return None
+    setattr(channel, ACKER_ATTRIBUTE, acker)
+    return acker
+
+
+def _is_amqp(channel: Any) -> bool:
+    try:
+        from amqp.channel import Channel
+    except ImportError:  # pragma: no cover - py-amqp comes with kombu
+        return False
+    return isinstance(channel, Channel)
+
+
+def _is_redis(channel: Any) -> bool:
+    try:
+        from kombu.transport.redis import Channel
+    except ImportError:  # pragma: no cover
+        return False
+    if not isinstance(channel, Channel):
+        return False
+    # Kombu's Redis QoS has had both since 4.x; check rather than trust.
+    qos = channel.qos
+    return hasattr(qos, "_remove_from_indices") and hasattr(qos, "pipe_or_acquire")
+
+
+def _track_settlements(channel: Any) -> SettledTags:
+    """Wrap ``channel``'s ack, reject and recover so a ledger sees each."""
+    ledger = SettledTags()
+    basic_ack = channel.basic_ack
+    basic_reject = channel.basic_reject
+    basic_recover = channel.basic_recover
+    basic_recover_async = channel.basic_recover_async
+
+    # Every ack and reject on the channel goes through these, Celery's and
+    # other tasks' included, so the ledger sees every settled tag. A tag is
+    # recorded only once its frame was written.
+    def tracked_ack(delivery_tag: int, multiple: bool = False, *args: Any) -> Any:
+        result = basic_ack(delivery_tag, multiple, *args)
+        ledger.settle(delivery_tag, multiple)
+        return result
+
+    def tracked_reject(delivery_tag: int, requeue: bool, *args: Any) -> Any:
+        result = basic_reject(delivery_tag, requeue, *args)
+        ledger.settle(delivery_tag)
+        return result
+
+    def tracked_recover(*args: Any, **kwargs: Any) -> Any:
+        # Redelivers every unacked message under new tags.
+        ledger.settle(0, multiple=True)
+        return basic_recover(*args, **kwargs)
+
+    def tracked_recover_async(*args: Any, **kwargs: Any) -> Any:
+        ledger.settle(0, multiple=True)
+        return basic_recover_async(*args, **kwargs)
+
+    channel.basic_ack = tracked_ack
+    channel.basic_reject = tracked_reject
+    channel.basic_recover = tracked_recover
+    channel.basic_recover_async = tracked_recover_async
+    return ledger
+
+
+def _acks_plainly(request: Request) -> bool:
+    # Celery 5.7 chains a prefetch restore onto the ack of a message
+    # received after a reconnect; such a request keeps Celery's own ack.
+    on_ack = request._on_ack
+    try:
+        return on_ack._svpending is None and not on_ack._lvpending
+    except AttributeError:
+        return False
+
+
+def ack_together(requests: Iterable[Request]) -> None:
+    """Acknowledge ``requests`` with as few round trips as is safe.
+
+    Each request this takes is marked acknowledged at once, so Celery's
+    handlers do not ack it again; the acks are sent from the consumer's
+    thread, as Celery sends its own. Requests it does not take (no group
+    acker for their channel, already acknowledged) are left to Celery.
+    """
+    groups: dict[int, tuple[GroupAcker, list[Request]]] = {}
+    for request in requests:
+        if request.acknowledged:
+            continue
+        channel = request.message.channel
+        acker: GroupAcker | None = getattr(channel, ACKER_ATTRIBUTE, None)
+        if acker is None or not acker.usable or not _acks_plainly(request):
+            continue
+        group = groups.get(id(acker))
+        if group is None:
+            group = groups[id(acker)] = (acker, [])
+        group[1].append(request)
+    for acker, taken in groups.values():
+        messages = [request.message for request in taken]
+        acker.call_soon(partial(acker.ack, messages))
+        # Only once the acks are on their way: if scheduling them failed,
+        # Celery's handlers still ack each request.
+        for request in taken:
+            request.acknowledged = True
+
+
+def _delivery_tag(message: Message) -> int:
+    return message.delivery_tag  # type: ignore[no-any-return]
