@@ -76,7 +76,7 @@ class BatchCollector:
 
     Flushes a key's requests when ``flush_every`` of them wait, and every
     waiting request each ``flush_interval`` seconds. While a key has
-    requests waiting, the consumer's prefetch window is widened by
+    requests waiting, the consumer's prefetch window is widened by twice
     ``flush_every`` so the broker can deliver a full batch at Celery's
     default prefetch settings, and narrowed again when they are flushed.
     """
@@ -86,6 +86,12 @@ class BatchCollector:
         self.consumer = consumer
         self.buffer: BatchBuffer[Request] = BatchBuffer(int(task.flush_every))
         self.flush_interval = float(task.flush_interval)
+        #: How much a waiting key widens the prefetch window: room for one
+        #: batch to fill while the one before it still counts against the
+        #: window (until the pool accepts it, or until it ends with
+        #: ``acks_late``). With only ``flush_every`` the broker stops after
+        #: a flush until those acks are out, and the consumer sits idle.
+        self.widening = 2 * self.buffer.flush_every
         self.key_of = _key_function(task)
         # The flush timer of non-event-loop pools runs in its own thread.
         self.lock = threading.RLock()
@@ -108,7 +114,7 @@ class BatchCollector:
         qos = self.consumer.qos
         if qos is not None:
             self._boosted.add(key)
-            qos.increment_eventually(self.buffer.flush_every)
+            qos.increment_eventually(self.widening)
 
     def _unboost(self, key: Hashable) -> None:
         if key in self._boosted:
@@ -116,7 +122,7 @@ class BatchCollector:
             qos = self.consumer.qos
             if qos is not None:
                 floor = getattr(self.consumer, "initial_prefetch_count", 1) or 1
-                narrow_prefetch(qos, self.buffer.flush_every, int(floor))
+                narrow_prefetch(qos, self.widening, int(floor))
 
     # -- buffering --------------------------------------------------------
 

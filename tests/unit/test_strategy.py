@@ -171,10 +171,11 @@ def test_the_prefetch_window_widens_while_calls_wait_and_narrows_after_the_flush
         worker.deliver(handler, make_message(app, task.s(n)))
         worker.sync_prefetch()
         windows.append(worker.qos.value)
-    # then the window is 4 + 3 while calls wait (so the broker can deliver a
-    # full batch) and back to 4 once the batch is flushed
-    assert windows == [7, 7, 4]
-    assert worker.prefetch_sent == [4, 7, 4]
+    # then the window is 4 + 2 x 3 while calls wait (so the broker can
+    # deliver a full batch, and the next one while the pool takes this one)
+    # and back to 4 once the batch is flushed
+    assert windows == [10, 10, 4]
+    assert worker.prefetch_sent == [4, 10, 4]
 
 
 def test_an_interval_flush_narrows_the_prefetch_window_too(app: Celery) -> None:
@@ -182,7 +183,7 @@ def test_an_interval_flush_narrows_the_prefetch_window_too(app: Celery) -> None:
     task = batch_task(app, flush_every=3)
     handler = worker.strategy(task)
     worker.deliver(handler, make_message(app, task.s(0)))
-    assert worker.qos.value == 7
+    assert worker.qos.value == 10
     worker.fire_interval()
     assert worker.qos.value == 4
 
@@ -195,13 +196,13 @@ def test_the_window_widens_once_per_waiting_key_up_to_a_bound(app: Celery) -> No
     # when calls of two tenants wait
     worker.deliver(handler, make_message(app, task.s(tenant="a")))
     worker.deliver(handler, make_message(app, task.s(tenant="b")))
-    # then each waiting key widens the window by flush_every
-    assert worker.qos.value == 4 + 3 + 3
+    # then each waiting key widens the window by twice flush_every
+    assert worker.qos.value == 4 + 6 + 6
     # when many more tenants wait
     for tenant in "cdefgh":
         worker.deliver(handler, make_message(app, task.s(tenant=tenant)))
     # then the window stops growing: messages held in memory stay bounded
-    assert worker.qos.value == 4 + 3 + 3
+    assert worker.qos.value == 4 + 6 + 6
     # and when everything is flushed the window is back where it started
     worker.fire_interval()
     assert worker.qos.value == 4
@@ -574,7 +575,7 @@ def test_the_window_never_narrows_below_the_consumers_own(app: Celery) -> None:
     task = batch_task(app)
     handler = worker.strategy(task)
     worker.deliver(handler, make_message(app, task.s(1)))
-    assert worker.qos.value == 4 + 3
+    assert worker.qos.value == 4 + 2 * 3
     worker.qos.value = 4
     # when the waiting calls flush
     worker.fire_interval()
