@@ -84,7 +84,6 @@ SETUPS = [
         "original 0.11, prefetch 0, solo",
         "original",
         "solo",
-        full=False,
         smoke=False,
     ),
     Setup(
