@@ -83,7 +83,9 @@ def batches_strategy(
     task_sends_events = eventer and eventer.enabled and task.send_events
     send_event = eventer and eventer.send
     to_system_tz = timezone.to_system
-    uses_utc_timezone = app.uses_utc_timezone
+    # Celery asks this per message, but app.timezone is a cached property:
+    # the answer cannot change while the worker runs.
+    utc_timezone = app.uses_utc_timezone()
     revoked_tasks = consumer.controller.state.revoked
     Req = create_request_cls(
         symbol_by_name(task.Request), task, consumer.pool, hostname, eventer, app=app
@@ -120,7 +122,7 @@ def batches_strategy(
                     message.body,
                     message.headers,
                     False,
-                    uses_utc_timezone(),
+                    utc_timezone,
                 )
             elif "args" in message.payload:
                 body, headers, decoded, utc = hybrid_to_proto2(message, message.payload)
