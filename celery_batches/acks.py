@@ -261,8 +261,6 @@ def _track_settlements(channel: Any) -> SettledTags:
     ledger = SettledTags()
     basic_ack = channel.basic_ack
     basic_reject = channel.basic_reject
-    basic_recover = channel.basic_recover
-    basic_recover_async = channel.basic_recover_async
 
     # Every ack and reject on the channel goes through these, Celery's and
     # other tasks' included, so the ledger sees every settled tag. A tag is
@@ -277,19 +275,20 @@ def _track_settlements(channel: Any) -> SettledTags:
         ledger.settle(delivery_tag)
         return result
 
-    def tracked_recover(*args: Any, **kwargs: Any) -> Any:
-        # Redelivers every unacked message under new tags.
-        ledger.settle(0, multiple=True)
-        return basic_recover(*args, **kwargs)
+    def untracking(recover: Callable[..., Any]) -> Callable[..., Any]:
+        # A recover redelivers every unacked message under new tags.
+        def recover_and_forget(*args: Any, **kwargs: Any) -> Any:
+            ledger.settle(0, multiple=True)
+            return recover(*args, **kwargs)
 
-    def tracked_recover_async(*args: Any, **kwargs: Any) -> Any:
-        ledger.settle(0, multiple=True)
-        return basic_recover_async(*args, **kwargs)
+        return recover_and_forget
 
     channel.basic_ack = tracked_ack
     channel.basic_reject = tracked_reject
-    channel.basic_recover = tracked_recover
-    channel.basic_recover_async = tracked_recover_async
+    for name in ("basic_recover", "basic_recover_async"):
+        recover = getattr(channel, name, None)
+        if recover is not None:
+            setattr(channel, name, untracking(recover))
     return ledger
 
 

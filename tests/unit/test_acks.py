@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from celery_batches.acks import MAX_OUT_OF_ORDER, SettledTags
+from celery_batches.acks import MAX_OUT_OF_ORDER, SettledTags, _track_settlements
 
 
 def ledger() -> SettledTags:
@@ -118,3 +118,44 @@ def test_a_covered_prefix_never_acks_an_outstanding_delivery(
     # then every delivery up to that tag was settled already or is ours
     acked = set(range(1, through + 1))
     assert acked <= settled | set(ours[:covered])
+
+
+class ChannelDouble:
+    """The settling methods of a py-amqp channel, recording their calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[object, ...]]] = []
+
+    def basic_ack(self, delivery_tag: int, multiple: bool = False) -> None:
+        self.calls.append(("ack", (delivery_tag, multiple)))
+
+    def basic_reject(self, delivery_tag: int, requeue: bool) -> None:
+        self.calls.append(("reject", (delivery_tag, requeue)))
+
+    def basic_recover(self, requeue: bool = False) -> None:
+        self.calls.append(("recover", (requeue,)))
+
+
+def test_every_ack_and_reject_on_the_channel_reaches_the_ledger() -> None:
+    # given a channel whose settlements are tracked
+    channel = ChannelDouble()
+    tags = _track_settlements(channel)
+    # when Celery acks 1, rejects 2 (requeued) and acks 4 on it
+    channel.basic_ack(1)
+    channel.basic_reject(2, requeue=True)
+    channel.basic_ack(4, multiple=False)
+    # then each call still reached the channel, and the ledger knows 1-2
+    # are settled and 4 is, past the gap at 3
+    assert [name for name, _ in channel.calls] == ["ack", "reject", "ack"]
+    assert (tags.through, tags.above) == (2, {4})
+
+
+def test_a_recover_on_the_channel_makes_its_ledger_unusable() -> None:
+    # given a tracked channel
+    channel = ChannelDouble()
+    tags = _track_settlements(channel)
+    # when someone asks the broker to redeliver everything unacked
+    channel.basic_recover(requeue=True)
+    # then the recover went out and no batch is acked in one frame any more
+    assert channel.calls == [("recover", (True,))]
+    assert not tags.usable
