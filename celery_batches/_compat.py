@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 from celery._state import _task_stack
+from celery.utils.log import get_logger
 
 if TYPE_CHECKING:
     from celery.worker.request import Request
@@ -13,8 +14,17 @@ __all__ = [
     "current_task_stack",
     "narrow_prefetch",
     "request_context",
+    "survive_collected_redis_transport",
     "wake_hub_with_pending_callbacks",
 ]
+
+logger = get_logger(__name__)
+
+UNRESTORED = (
+    "Lost the Redis connection with %d unacked messages: they stay in the "
+    "transport's unacked index and are delivered again after the "
+    "visibility_timeout"
+)
 
 
 def request_context(request: Request) -> dict[str, Any]:
@@ -96,3 +106,42 @@ def narrow_prefetch(qos: Any, n: int, floor: int) -> None:
     with qos._mutex:
         if qos.value:
             qos.value = max(qos.value - n, floor, 1)
+
+
+def survive_collected_redis_transport(channel: Any) -> None:
+    """Keep closing ``channel`` after a lost Redis connection from ending the worker.
+
+    Celery 5.7's consumer, on a lost connection, first collects the
+    connection (which drops the transport's client settings) and then
+    closes it. Closing a Redis channel gives its unacked messages back to
+    the queue, and building the client for that reads the dropped settings:
+    ``AttributeError``, which ends the worker (with plain tasks too, when
+    any are prefetched). A batch task nearly always has unacked messages in
+    its buffer, so for its channel that error is taken for what it means,
+    the server cannot be reached: the messages stay in Redis's unacked
+    index, from where the transport delivers them again after its
+    ``visibility_timeout``, as it would after a crash.
+    """
+    try:
+        from kombu.transport.redis import Channel as RedisChannel
+    except ImportError:  # pragma: no cover - kombu always has it
+        return
+    if not isinstance(channel, RedisChannel):
+        return
+    qos = channel.qos
+    restore = qos.restore_unacked
+
+    def restore_unacked(client: Any = None) -> Any:
+        try:
+            return restore(client)
+        except AttributeError:
+            if getattr(channel.connection, "client", None) is not None:
+                raise
+            delivered = qos._delivered
+            logger.warning(UNRESTORED, len(delivered))
+            # This channel is gone; forgetting them keeps kombu's own
+            # "restored once" check from failing on a second close.
+            delivered.clear()
+            return None
+
+    qos.restore_unacked = restore_unacked

@@ -11,7 +11,7 @@ from celery.exceptions import WorkerTerminate
 from celery.utils.log import get_logger
 from celery.worker import state as worker_state
 
-from ._compat import wake_hub_with_pending_callbacks
+from ._compat import survive_collected_redis_transport, wake_hub_with_pending_callbacks
 from .acks import install_group_acks
 from .collector import collectors_of
 from .dispatch import inline_pool, uses_processes
@@ -70,6 +70,7 @@ class BatchesStep(bootsteps.StartStopStep):  # type: ignore[misc]
         task_consumer = getattr(c, "task_consumer", None)
         if task_consumer is not None:
             install_group_acks(task_consumer.channel, c)
+            survive_collected_redis_transport(task_consumer.channel)
         hub = getattr(c, "hub", None)
         if hub is not None and self._tick is None:
             self._tick = wake_hub_with_pending_callbacks(
