@@ -15,24 +15,28 @@ import threading
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from celery import Celery, signals, states
-from celery.contrib.testing.worker import start_worker
-from kombu.utils.uuid import uuid
 
 from celery_batches import Batches, SimpleRequest
 from celery_batches.signals import batch_flushed
 from celery_batches.testing import apply_batch
-from tests.conftest import REDIS_BACKEND, ROOT, loading, require_server, wait_for
+from tests.conftest import (
+    REDIS_BACKEND,
+    ROOT,
+    Flushes,
+    example_worker,
+    loading,
+    require_server,
+    wait_for,
+)
 
 DOCS = ROOT / "docs"
 EXAMPLES = DOCS / "examples"
 
-Flushes = list[dict[str, Any]]
 # The examples are loaded from files: their attributes are not known to mypy.
 Load = Callable[[str], Any]
 
@@ -41,53 +45,6 @@ Load = Callable[[str], Any]
 def load() -> Iterator[Load]:
     with loading() as load:
         yield load
-
-
-@contextmanager
-def running(
-    app: Celery,
-    *,
-    pool: str = "solo",
-    backend: str = "cache+memory://",
-    **settings: Any,
-) -> Iterator[Flushes]:
-    """Run a worker for ``app`` on the in-memory transport.
-
-    ``settings`` override options of every batch task of the app (a short
-    ``flush_interval`` keeps the tests fast). Yields the keyword arguments
-    of each ``batch_flushed`` the worker sends, in order.
-    """
-    app.conf.update(
-        broker_url="memory://",
-        result_backend=backend,
-        task_default_queue=f"doc-examples-{uuid()}",
-        worker_hijack_root_logger=False,
-        # The in-memory transport sleeps this long when its queue is empty.
-        broker_transport_options={"polling_interval": 0.01},
-    )
-    for task in app.tasks.values():
-        if isinstance(task, Batches):
-            for name, value in settings.items():
-                setattr(task, name, value)
-    flushes: Flushes = []
-
-    def on_flushed(sender: Any, **kwargs: Any) -> None:
-        if sender.app is app:
-            flushes.append({"task": sender.name, **kwargs})
-
-    batch_flushed.connect(on_flushed, weak=False)
-    try:
-        with start_worker(
-            app,
-            pool=pool,
-            concurrency=2 if pool == "threads" else 1,
-            perform_ping_check=False,
-            loglevel="WARNING",
-            shutdown_timeout=30,
-        ):
-            yield flushes
-    finally:
-        batch_flushed.disconnect(on_flushed)
 
 
 def flushed(flushes: Flushes, task: str) -> int:
@@ -101,7 +58,7 @@ def test_getting_started_gives_each_call_its_own_result_in_batches(load: Load) -
     # given the getting-started app and its task (flush_every=100)
     example = load("getting_started")
     words = [f"word{i}" for i in range(250)]
-    with running(example.app, flush_interval=0.2) as flushes:
+    with example_worker(example.app, flush_interval=0.2) as flushes:
         # when 250 calls are sent and their results read
         results = example.send_words(words)
         # then each call has its own result, computed in batches of at most 100
@@ -146,7 +103,7 @@ def test_the_getting_started_session_runs_as_shown(
     monkeypatch.setitem(sys.modules, "getting_started", example)
     (session,) = code_blocks(DOCS / "getting-started.rst", "pycon")
     # when it runs against a worker, then every output is the one shown
-    with running(example.app, flush_interval=0.2):
+    with example_worker(example.app, flush_interval=0.2):
         failed, tried = run_session(session, "getting-started.rst")
     assert (failed, tried) == (0, 5)
 
@@ -169,7 +126,7 @@ def test_the_readme_example_is_the_getting_started_task(
     example = load("getting_started")
     monkeypatch.setitem(sys.modules, "getting_started", example)
     (session,) = code_blocks(ROOT / "README.rst", "pycon")
-    with running(example.app, flush_interval=0.2):
+    with example_worker(example.app, flush_interval=0.2):
         assert run_session(session, "README.rst") == (0, 2)
 
 
@@ -187,7 +144,7 @@ def per_request() -> Iterator[Any]:
             "max_retries": 5,
         }
         # Long enough that the calls a test sends at once make one batch.
-        with running(example.app, flush_interval=0.5) as flushes:
+        with example_worker(example.app, flush_interval=0.5) as flushes:
             example.flushes = flushes
             yield example
 
@@ -273,7 +230,7 @@ def test_results_are_stored_in_bulk_on_redis(
         "execute",
         counting("pipeline", redis.client.Pipeline.execute),
     )
-    with running(
+    with example_worker(
         example.app, backend=REDIS_BACKEND, flush_every=5, flush_interval=60
     ) as flushes:
         # when one full batch of five calls runs (the solo pool runs it
@@ -292,7 +249,7 @@ def test_a_keyword_batch_key_never_mixes_tenants(load: Load) -> None:
     # given calls of three tenants, interleaved, and batches of three
     example = load("by_key")
     tenants = ["acme", "initech", "umbrella"] * 6
-    with running(example.app, flush_every=3, flush_interval=60) as flushes:
+    with example_worker(example.app, flush_every=3, flush_interval=60) as flushes:
         for n, tenant in enumerate(tenants):
             example.record_usage.delay(tenant=tenant, units=n)
         wait_for(lambda: flushed(flushes, example.record_usage.name) == 18, what="18")
@@ -309,7 +266,7 @@ def test_a_keyword_batch_key_never_mixes_tenants(load: Load) -> None:
 def test_a_callable_batch_key_groups_by_mail_domain(load: Load) -> None:
     example = load("by_key")
     addresses = ["ada@a.example", "bob@B.example", "cy+news@a.example", "di@b.example"]
-    with running(example.app, flush_interval=0.2):
+    with example_worker(example.app, flush_interval=0.2):
         results = [example.verify_mailbox.delay(address) for address in addresses]
         assert [r.get(timeout=20) for r in results] == [True, True, False, True]
     sessions = dict(example.smtp_sessions)
@@ -332,7 +289,7 @@ def test_metrics_count_flushes_by_reason_and_batch_sizes(load: Load) -> None:
         metrics.start_metrics_server()
         server = metrics.metrics_server
         assert server is not None
-        with running(example.app, flush_interval=0.3) as flushes:
+        with example_worker(example.app, flush_interval=0.3) as flushes:
             # when 230 calls run: full batches of 100, the rest by interval
             example.send_words([f"w{i}" for i in range(230)])
             wait_for(lambda: flushed(flushes, name) == 230, what="230 calls flushed")
@@ -368,7 +325,7 @@ def test_inspect_reserved_lists_buffered_calls(load: Load) -> None:
     # given three calls waiting in a buffer that flushes at 100 or every minute
     inspecting = load("inspecting")
     example = load("getting_started")
-    with running(example.app, flush_interval=60) as flushes:
+    with example_worker(example.app, flush_interval=60) as flushes:
         calls = [example.shout.delay(word) for word in ("a", "b", "c")]
         ids = {call.id for call in calls}
 
@@ -399,7 +356,7 @@ def test_inspect_active_lists_each_call_of_the_running_batch(load: Load) -> None
         started.set()
         release.wait(20)
 
-    with running(app, pool="threads"):
+    with example_worker(app, pool="threads"):
         calls = [hold.delay(n) for n in range(2)]
         assert started.wait(20)
 
@@ -435,7 +392,7 @@ def migration() -> Iterator[Any]:
         example = load("migration")
         # The tests send each batch's calls within milliseconds: a second
         # leaves no room for an interval flush to split them.
-        with running(example.app, flush_interval=1) as flushes:
+        with example_worker(example.app, flush_interval=1) as flushes:
             example.flushes = flushes
             yield example
 
@@ -478,7 +435,7 @@ def test_the_configuration_example_runs_with_every_option(load: Load) -> None:
     assert (task.flush_every, task.flush_interval) == (200, 2.5)
     assert task.acks_late and task.reject_on_worker_lost and task.per_request_results
     assert (task.soft_time_limit, task.time_limit) == (50, 60)
-    with running(example.app, flush_interval=0.2) as flushes:
+    with example_worker(example.app, flush_interval=0.2) as flushes:
         results = [
             example.charge.delay(account=account, amount=amount)
             for account, amount in [("a", 5), ("b", 7), ("a", 9)]

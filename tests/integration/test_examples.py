@@ -7,44 +7,18 @@ import json
 import sqlite3
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import pytest
-from celery import Celery
-from celery.contrib.testing.worker import start_worker
 from celery.result import AsyncResult
-from kombu.transport import memory
-from kombu.utils.uuid import uuid
 
-from celery_batches import Batches
-from celery_batches.signals import batch_flushed
-from tests.conftest import loading, wait_for
+from tests.conftest import Flushes, example_worker, loading, wait_for
 
-Flushes = list[dict[str, Any]]
 #: Imports an example by name. Its module is typed Any: it is loaded from a
 #: path, so mypy cannot know its attributes.
 LoadExample = Callable[[str], Any]
-
-
-class PromptMemoryTransport(memory.Transport):
-    """The in-memory transport, with waits for messages of at most 0.1 s.
-
-    Celery's loop for transports without an event loop waits up to 2 s for
-    a message and looks for a shutdown request only in between, twice over:
-    4 s added to every test that stops a worker. The loop takes a shorter
-    wait that times out as nothing received.
-    """
-
-    # kombu's base and virtual transports declare this method differently;
-    # no signature satisfies both.
-    def drain_events(  # type: ignore[override]
-        self, connection: Any, timeout: float | None = None
-    ) -> Any:
-        if timeout is not None and timeout > 0.1:
-            timeout = 0.1
-        return super().drain_events(connection, timeout=timeout)
 
 
 @pytest.fixture
@@ -52,47 +26,6 @@ def load_example() -> Iterator[LoadExample]:
     """Import an example afresh, so each test has its own app and state."""
     with loading() as load:
         yield load
-
-
-@contextmanager
-def running(app: Celery, **settings: Any) -> Iterator[Flushes]:
-    """Run a worker for ``app`` on the in-memory transport.
-
-    ``settings`` override options of the app's batch tasks (a short
-    ``flush_interval`` keeps the tests fast). Yields the keyword arguments
-    of each ``batch_flushed`` the worker sends, as they come.
-    """
-    app.conf.update(
-        broker_url="memory://",
-        broker_transport=PromptMemoryTransport,
-        # kombu's default is to poll an empty queue once a second.
-        broker_transport_options={"polling_interval": 0.01},
-        result_backend="cache+memory://",
-        task_default_queue=f"examples-{uuid()}",
-        worker_hijack_root_logger=False,
-    )
-    for task in app.tasks.values():
-        if isinstance(task, Batches):
-            for name, value in settings.items():
-                setattr(task, name, value)
-    flushes: Flushes = []
-
-    def on_flushed(sender: Any, **kwargs: Any) -> None:
-        if sender.app is app:
-            flushes.append(kwargs)
-
-    batch_flushed.connect(on_flushed, weak=False)
-    try:
-        with start_worker(
-            app,
-            pool="solo",
-            perform_ping_check=False,
-            loglevel="WARNING",
-            shutdown_timeout=30,
-        ):
-            yield flushes
-    finally:
-        batch_flushed.disconnect(on_flushed)
 
 
 def flushed(flushes: Flushes, calls: int) -> bool:
@@ -111,7 +44,7 @@ def test_click_counter_adds_each_batch_to_the_store_in_one_update(
     # the last 50 need not wait the example's 10 s)
     example = load_example("click_counter")
     urls = [f"https://example.com/{i % 3}" for i in range(250)]
-    with running(example.app, flush_interval=1) as flushes:
+    with example_worker(example.app, flush_interval=1) as flushes:
         # when 250 clicks on three URLs are sent
         for url in urls:
             example.count_click.delay(url=url)
@@ -149,7 +82,7 @@ def test_last_seen_writes_each_batch_with_one_executemany(
         (1, 103.0), (2, 99.0), (3, 110.0), (2, 120.0),
         (4, 50.0),
     ]  # fmt: skip
-    with running(example.app, flush_every=4, flush_interval=0.2) as flushes:
+    with example_worker(example.app, flush_every=4, flush_interval=0.2) as flushes:
         for user_id, seen_at in sightings:
             example.seen.delay(user_id, seen_at)
         wait_for(lambda: flushed(flushes, len(sightings)), what="sightings flushed")
@@ -166,7 +99,7 @@ def test_bulk_insert_returns_each_call_its_row_id(
     example = load_example("bulk_insert")
     example.DATABASE = str(tmp_path / "events.sqlite3")
     events = [(f"kind{i % 3}", {"n": i}) for i in range(12)]
-    with running(example.app, flush_every=5, flush_interval=0.2) as flushes:
+    with example_worker(example.app, flush_every=5, flush_interval=0.2) as flushes:
         # when twelve events are logged
         results = [example.log_event.delay(kind, data) for kind, data in events]
         row_ids = [result.get(timeout=20) for result in results]
@@ -185,7 +118,7 @@ def test_bulk_insert_fails_the_whole_batch_when_one_row_fails(
     # given the bulk insert example, flushing only on size
     example = load_example("bulk_insert")
     example.DATABASE = str(tmp_path / "events.sqlite3")
-    with running(example.app, flush_every=4, flush_interval=60) as flushes:
+    with example_worker(example.app, flush_every=4, flush_interval=60) as flushes:
         # when a batch of four holds one event the table refuses (kind NULL)
         results: list[AsyncResult] = [
             example.log_event.delay(kind, {"n": i})
@@ -207,7 +140,7 @@ def test_batched_lookup_calls_the_service_once_per_batch(
     # given the lookup example, with a service that counts its calls
     example = load_example("batched_lookup")
     user_ids = [1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3]
-    with running(example.app, flush_every=4, flush_interval=0.2) as flushes:
+    with example_worker(example.app, flush_every=4, flush_interval=0.2) as flushes:
         # when users are looked up, and one that does not exist
         found = [example.get_user.delay(user_id) for user_id in user_ids]
         missing = example.get_user.delay(99)
