@@ -40,33 +40,47 @@ logger = get_logger(__name__)
 #: Attribute of a channel that holds its :class:`GroupAcker`.
 ACKER_ATTRIBUTE = "_celery_batches_acker"
 
-#: Tags settled out of order that a ledger remembers before it gives up.
-#: They pile up only while an older message stays unacked (a long ETA, a
-#: long-running late-acked task), and while it does no batch can be acked
-#: with one frame anyway.
-MAX_OUT_OF_ORDER = 65_536
+#: Runs of tags settled out of order that a ledger keeps before it gives up.
+#: There is one run per gap, that is per older message still unacked (held
+#: for its ETA, running with ``acks_late``), so a worker near this many is
+#: one with an unlimited prefetch window.
+MAX_RUNS = 65_536
 
 
 class SettledTags:
     """The delivery tags of one AMQP channel that are acked or rejected.
 
     Tags are numbered from 1 per channel in delivery order. ``through`` is
-    the highest tag with every tag up to it settled; ``above`` holds the
-    settled tags past it.
+    the highest tag with every tag up to it settled. Tags settled past a
+    gap are kept as runs of consecutive tags, so memory grows with the
+    number of gaps, not with the number of tags: a message held an hour for
+    its ETA costs one run however many messages are acked meanwhile.
+
+    A tag is settled once: the broker closes a channel that acks or rejects
+    a tag twice, and the ledger goes with it.
     """
 
-    __slots__ = ("_lock", "above", "through", "usable")
+    __slots__ = ("_ends", "_lock", "_starts", "through", "usable")
 
     def __init__(self) -> None:
         self.through = 0
-        self.above: set[int] = set()
+        #: First tag of each run past ``through`` -> its last tag, and back.
+        self._starts: dict[int, int] = {}
+        self._ends: dict[int, int] = {}
         #: False once the ledger cannot be trusted for this channel.
         self.usable = True
         self._lock = threading.Lock()
 
+    @property
+    def runs(self) -> list[tuple[int, int]]:
+        """The runs of settled tags past ``through``, as (first, last), in order."""
+        with self._lock:
+            return sorted(self._starts.items())
+
     def settle(self, tag: int, multiple: bool = False) -> None:
         """Record that ``tag`` (and every tag below it if ``multiple``) is settled."""
         with self._lock:
+            starts, ends = self._starts, self._ends
             if multiple:
                 if tag == 0:
                     # "Everything outstanding": the ledger cannot tell
@@ -75,21 +89,29 @@ class SettledTags:
                     return
                 if tag > self.through:
                     self.through = tag
-                    self.above = {t for t in self.above if t > tag}
-            elif tag > self.through:
-                self.above.add(tag)
-            above = self.above
-            through = self.through
-            while through + 1 in above:
-                through += 1
-                above.discard(through)
-            self.through = through
-            if len(above) > MAX_OUT_OF_ORDER:
+                    for first, last in list(starts.items()):
+                        if first <= tag:
+                            del starts[first], ends[last]
+                            self.through = max(self.through, last)
+            elif tag > self.through and tag not in starts and tag not in ends:
+                # Join the runs just below and just above, if there are any.
+                first = ends.pop(tag - 1, tag)
+                starts.pop(first, None)
+                last = starts.pop(tag + 1, tag)
+                ends.pop(last, None)
+                starts[first] = last
+                ends[last] = first
+            # Runs that now follow ``through`` directly extend it.
+            while (run_end := starts.pop(self.through + 1, None)) is not None:
+                del ends[run_end]
+                self.through = run_end
+            if len(starts) > MAX_RUNS:
                 self._give_up()
 
     def _give_up(self) -> None:
         self.usable = False
-        self.above = set()
+        self._starts = {}
+        self._ends = {}
 
     def coverable(self, tags: list[int]) -> int:
         """Return how many of the ascending ``tags`` one multiple ack may cover.
@@ -100,15 +122,16 @@ class SettledTags:
         with self._lock:
             if not self.usable:
                 return 0
-            above = self.above
+            starts = self._starts
             expected = self.through + 1
             covered = 0
             for tag in tags:
                 while expected < tag:
-                    if expected not in above:
+                    last = starts.get(expected)
+                    if last is None:
                         return covered
-                    expected += 1
-                if tag != expected:
+                    expected = last + 1
+                if tag != expected or tag in starts:
                     # Already settled, or given twice: not ours to ack.
                     return covered
                 expected += 1

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
-from celery_batches.acks import MAX_OUT_OF_ORDER, SettledTags, _track_settlements
+from celery_batches.acks import MAX_RUNS, SettledTags, _track_settlements
 
 
 def ledger() -> SettledTags:
@@ -41,7 +41,7 @@ def test_tags_settled_out_of_order_fill_the_gaps_of_a_batch() -> None:
     assert tags.coverable([2, 4, 6]) == 3
     # and the settled watermark stops at the first gap
     assert tags.through == 1
-    assert tags.above == {3, 5}
+    assert tags.runs == [(3, 3), (5, 5)]
 
 
 def test_only_the_prefix_before_an_outstanding_gap_is_covered() -> None:
@@ -58,13 +58,13 @@ def test_a_multiple_ack_settles_everything_below_it() -> None:
     tags.settle(12)
     # when everything up to 10 is acked in one frame
     tags.settle(10, multiple=True)
-    # then the watermark is 10 and only 12 is remembered above it
+    # then the watermark is 10 and only 12 is remembered past it
     assert tags.through == 10
-    assert tags.above == {12}
+    assert tags.runs == [(12, 12)]
     # and once 11 is settled, the watermark passes 12
     tags.settle(11)
     assert tags.through == 12
-    assert tags.above == set()
+    assert tags.runs == []
 
 
 def test_an_already_settled_or_repeated_tag_is_never_covered() -> None:
@@ -86,38 +86,75 @@ def test_acking_everything_outstanding_makes_the_ledger_unusable() -> None:
     assert tags.coverable([1, 2]) == 0
 
 
-def test_too_many_tags_settled_past_a_gap_make_the_ledger_give_up() -> None:
-    # given delivery 1 outstanding for ever (a far ETA)
+def test_tags_settled_past_a_gap_are_kept_as_one_run() -> None:
+    # given delivery 1 outstanding for a long time (a far ETA)
     tags = ledger()
-    # when more tags than the ledger remembers are settled after it
-    for tag in range(2, MAX_OUT_OF_ORDER + 3):
+    # when a hundred thousand tags are settled after it, in order
+    for tag in range(2, 100_002):
+        tags.settle(tag)
+    # then they take one run, and a batch after them cannot pass the gap
+    assert tags.runs == [(2, 100_001)]
+    assert tags.coverable([100_002]) == 0
+    # and once delivery 1 is settled, the watermark passes them all and the
+    # next batch is covered again
+    tags.settle(1)
+    assert (tags.through, tags.runs) == (100_001, [])
+    assert tags.coverable([100_002, 100_003]) == 2
+
+
+def test_too_many_gaps_make_the_ledger_give_up() -> None:
+    # given every other delivery outstanding (an unlimited prefetch window
+    # full of held messages)
+    tags = ledger()
+    # when more runs than the ledger keeps are settled between them
+    for tag in range(2, 2 * MAX_RUNS + 4, 2):
         tags.settle(tag)
     # then it forgets them, so its memory stays bounded, and stops covering
     assert not tags.usable
-    assert tags.above == set()
+    assert tags.runs == []
     assert tags.coverable([1]) == 0
 
 
+def _covered_by_model(settled: set[int], tags: list[int]) -> int:
+    """What ``coverable`` must return, computed from the plain set of settled tags."""
+    covered = 0
+    for count in range(1, len(tags) + 1):
+        prefix = tags[:count]
+        if len(set(prefix)) != count or set(prefix) & settled:
+            break
+        if set(range(1, prefix[-1] + 1)) <= settled | set(prefix):
+            covered = count
+        else:
+            break
+    return covered
+
+
+@example(operations=[(2, False)], batch=[1, 2])  # 2 is settled already
 @given(
-    settled=st.sets(st.integers(1, 40), max_size=40),
-    batch=st.sets(st.integers(1, 40), min_size=1, max_size=20),
+    operations=st.lists(st.tuples(st.integers(1, 60), st.booleans()), max_size=40),
+    batch=st.lists(st.integers(1, 70), min_size=1, max_size=20),
 )
-def test_a_covered_prefix_never_acks_an_outstanding_delivery(
-    settled: set[int], batch: set[int]
+def test_the_ledger_agrees_with_a_plain_set_of_settled_tags(
+    operations: list[tuple[int, bool]], batch: list[int]
 ) -> None:
-    # given any set of settled deliveries, and a batch of others
+    # given any sequence of acks and multiple acks, each of a tag not yet
+    # settled (the broker closes a channel that settles a tag twice)
     tags = ledger()
-    for tag in sorted(settled):
-        tags.settle(tag)
-    ours = sorted(batch - settled)
-    # when the covered prefix is acked through its last tag
-    covered = tags.coverable(ours)
-    if covered == 0:
-        return
-    through = ours[covered - 1]
-    # then every delivery up to that tag was settled already or is ours
-    acked = set(range(1, through + 1))
-    assert acked <= settled | set(ours[:covered])
+    settled: set[int] = set()
+    for tag, multiple in operations:
+        if tag in settled:
+            continue
+        tags.settle(tag, multiple)
+        settled |= set(range(1, tag + 1)) if multiple else {tag}
+    # then the ledger's watermark and runs are exactly that set
+    expanded = set(range(1, tags.through + 1))
+    for first, last in tags.runs:
+        expanded |= set(range(first, last + 1))
+    assert expanded == settled
+    # and it covers exactly the prefix of an ascending batch that one
+    # multiple ack may settle without settling anything else
+    ours = sorted(batch)
+    assert tags.coverable(ours) == _covered_by_model(settled, ours)
 
 
 class ChannelDouble:
@@ -147,7 +184,7 @@ def test_every_ack_and_reject_on_the_channel_reaches_the_ledger() -> None:
     # then each call still reached the channel, and the ledger knows 1-2
     # are settled and 4 is, past the gap at 3
     assert [name for name, _ in channel.calls] == ["ack", "reject", "ack"]
-    assert (tags.through, tags.above) == (2, {4})
+    assert (tags.through, tags.runs) == (2, [(4, 4)])
 
 
 def test_a_recover_on_the_channel_makes_its_ledger_unusable() -> None:
