@@ -110,6 +110,18 @@ class PromptMemoryTransport(memory.Transport):
         return super().drain_events(connection, timeout=timeout)
 
 
+def _worker_thread(app: Celery, pool: str) -> Any:
+    """Celery's test worker for ``app``, in a thread of this process."""
+    return start_worker(
+        app,
+        pool=pool,
+        concurrency=2 if pool == "threads" else 1,
+        perform_ping_check=False,
+        loglevel="WARNING",
+        shutdown_timeout=30,
+    )
+
+
 #: The keyword arguments of each ``batch_flushed``, plus the task's name.
 Flushes = list[dict[str, Any]]
 
@@ -152,14 +164,7 @@ def example_worker(
 
     batch_flushed.connect(on_flushed, weak=False)
     try:
-        with start_worker(
-            app,
-            pool=pool,
-            concurrency=2 if pool == "threads" else 1,
-            perform_ping_check=False,
-            loglevel="WARNING",
-            shutdown_timeout=30,
-        ):
+        with _worker_thread(app, pool):
             yield flushes
     finally:
         batch_flushed.disconnect(on_flushed)
@@ -237,14 +242,7 @@ def thread_worker(pool: str, journal_path: str, **conf: Any) -> Iterator[Worker]
         queue=queue,
         **conf,
     )
-    with start_worker(
-        app,
-        pool=pool,
-        concurrency=2 if pool == "threads" else 1,
-        perform_ping_check=False,
-        loglevel="WARNING",
-        shutdown_timeout=30,
-    ):
+    with _worker_thread(app, pool):
         yield Worker("memory", pool, app, Journal(journal_path), queue)
 
 
