@@ -170,9 +170,24 @@ class GroupAcker:
                     logger, self.connection_errors
                 )
 
+    def _sent(self, send: Callable[[], Any], count: int) -> bool:
+        """Run ``send``, which acks ``count`` messages; return whether it did.
+
+        Errors are handled as kombu's ack_log_error handles them: a lost
+        connection is logged (the messages come back after the reconnect,
+        which the consumer is about to do), a broken pipe is raised too.
+        """
+        try:
+            send()
+        except BrokenPipeError:
+            self._failed(count)
+            raise
+        except self.connection_errors:
+            self._failed(count)
+            return False
+        return True
+
     def _failed(self, count: int) -> None:
-        # As kombu's ack_log_error: the messages come back after the
-        # reconnect, which the consumer is about to do.
         logger.critical("Couldn't ack a batch of %d messages", count, exc_info=True)
 
 
@@ -194,13 +209,10 @@ class AMQPAcker(GroupAcker):
         covered = self.ledger.coverable([m.delivery_tag for m in messages])
         if covered > 1:
             last = messages[covered - 1]
-            try:
-                last.channel.basic_ack(last.delivery_tag, multiple=True)
-            except BrokenPipeError:
-                self._failed(covered)
-                raise
-            except self.connection_errors:
-                self._failed(covered)
+            if not self._sent(
+                partial(last.channel.basic_ack, last.delivery_tag, multiple=True),
+                covered,
+            ):
                 return
             for message in messages[:covered]:
                 message._state = "ACK"
@@ -218,16 +230,14 @@ class RedisAcker(GroupAcker):
         from kombu.transport.virtual.base import QoS as VirtualQoS
 
         qos = messages[0].channel.qos
-        try:
+
+        def remove_from_unacked_index() -> None:
             with qos.pipe_or_acquire() as pipe:
                 for message in messages:
                     qos._remove_from_indices(message.delivery_tag, pipe)
                 pipe.execute()
-        except BrokenPipeError:
-            self._failed(len(messages))
-            raise
-        except self.connection_errors:
-            self._failed(len(messages))
+
+        if not self._sent(remove_from_unacked_index, len(messages)):
             return
         for message in messages:
             # What the Redis QoS.ack does after its own round trip.
