@@ -14,9 +14,10 @@ from kombu.utils.uuid import uuid
 
 from .dispatch import dispatch_batch
 from .request import SimpleRequest
+from .settings import batch_key_of, check_options
 from .step import BatchesStep
 from .strategy import batches_strategy
-from .trace import run_batch, unwrap_exception
+from .trace import retry_unsettled, run_batch, running_batch, unwrap_exception
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -45,12 +46,13 @@ class Batches(Task):  # type: ignore[misc]
     #: Calls may pass any arguments: they are checked by the body, not Celery.
     typing = False
 
-    #: Number of buffered calls (of one batch key) that triggers a flush.
-    #: Default: 10.
-    flush_every = 10
+    #: Number of buffered calls (of one batch key) that triggers a flush:
+    #: an ``int`` of at least 1. Default: 10.
+    flush_every: int = 10
 
-    #: Seconds after which buffered calls are flushed anyway. Default: 30.
-    flush_interval = 30
+    #: Seconds after which buffered calls are flushed anyway: a number
+    #: greater than 0 (``0.5`` is half a second). Default: 30.
+    flush_interval: float = 30
 
     #: If true, :meth:`run` returns one value per request (a sequence in the
     #: order of ``requests`` or a mapping of request id to value), stored as
@@ -66,18 +68,47 @@ class Batches(Task):  # type: ignore[misc]
 
     _pool: BasePool | None = None
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # The task decorator creates a subclass holding the options given
+        # to it, so a bad option fails where the task is defined, naming it.
+        super().__init_subclass__(**kwargs)
+        cls.check_options()
+
+    @classmethod
+    def check_options(cls, task: Any = None) -> None:
+        """Raise :exc:`~celery_batches.errors.InvalidBatchSetting` for a bad option.
+
+        Checks the class's options, or those of the task instance ``task``
+        (which ``task_annotations`` or a test may have changed): the worker
+        checks them again when it starts the task.
+        """
+        source = cls if task is None else task
+        check_options(
+            getattr(source, "name", None) or cls.__qualname__,
+            flush_every=source.flush_every,
+            flush_interval=source.flush_interval,
+            per_request_results=source.per_request_results,
+            batch_key=batch_key_of(source),
+        )
+
     def run(self, requests: list[SimpleRequest]) -> Any:
         """The batch body: override it (or decorate a function) to take ``requests``."""
         raise NotImplementedError("Batches tasks must implement run(requests)")
 
     @classmethod
     def on_bound(cls, app: Celery) -> None:
-        """Add :class:`~celery_batches.step.BatchesStep` to the app's workers."""
+        """Check the options and add :class:`~celery_batches.step.BatchesStep`.
+
+        Runs when the task is bound to ``app``, after ``task_annotations``
+        were applied to it, so a bad annotated value fails here too.
+        """
         super().on_bound(app)
+        cls.check_options()
         app.steps["consumer"].add(BatchesStep)
 
     def Strategy(self, task: Batches, app: Celery, consumer: Consumer) -> Any:
         """Return the worker's message handler for this task (buffers messages)."""
+        type(task).check_options(task)
         return batches_strategy(task, app, consumer)
 
     def flush(self, requests: list[Request]) -> Any:
@@ -104,17 +135,18 @@ class Batches(Task):  # type: ignore[misc]
         :meth:`SimpleRequest.retry` on each unsettled request: each is sent
         again with its own id, honouring ``max_retries``. Raises
         :exc:`~celery.exceptions.Retry` (as Celery's ``Task.retry`` does),
-        which the worker handles; ``args``, ``kwargs`` and other options of
-        Celery's ``retry`` do not apply to a batch and are ignored.
+        which the worker handles; with ``throw=False`` the requests are
+        sent again at once and the ``Retry`` is returned instead, and the
+        body goes on. ``args``, ``kwargs`` and other options of Celery's
+        ``retry`` do not apply to a batch and are ignored.
         """
         retry = Retry(exc=exc, when=eta or countdown)
-        retry.batch_retry_options = {
-            "countdown": countdown,
-            "eta": eta,
-            "max_retries": max_retries,
-        }
+        options = {"countdown": countdown, "eta": eta, "max_retries": max_retries}
         if throw:
+            retry.batch_retry_options = options
             raise retry
+        # Celery's Task.retry(throw=False) sends the retry all the same.
+        retry_unsettled(self, running_batch(self), exc, options)
         return retry
 
     def apply(
