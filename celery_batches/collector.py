@@ -10,41 +10,66 @@ from celery.utils.log import get_logger
 from celery.worker.state import revoked as revoked_tasks
 from celery.worker.state import task_ready, task_reserved
 
-from ._compat import narrow_prefetch
+from ._compat import narrow_prefetch, needs_revoke_check
 from .buffer import BatchBuffer
-from .dispatch import dispatch_batch
+from .dispatch import dispatch_batch, fail_request
+from .prefetch import PrefetchBudget
 from .request import SimpleRequest
+from .settings import batch_key_of, prefetch_limit
 from .signals import batch_flushed
 
 if TYPE_CHECKING:
+    from celery import Celery
     from celery.concurrency.base import BasePool
     from celery.worker.consumer import Consumer
     from celery.worker.request import Request
 
     from .task import Batches
 
-__all__ = ["BatchCollector", "collectors_of"]
+__all__ = ["BatchCollector", "WorkerBatches", "collectors_of", "worker_batches"]
 
 logger = get_logger(__name__)
 
 KeyFunction = Callable[["Request"], Hashable]
 
+#: The largest prefetch count AMQP can carry; kombu sends a larger one as 0,
+#: which means *unlimited*, so no widening may take the window past it.
+PREFETCH_COUNT_MAX = 0xFFFF
+
+
+class WorkerBatches:
+    """The batch collectors of one worker consumer and their prefetch budget."""
+
+    __slots__ = ("budget", "collectors")
+
+    def __init__(self, limit: int) -> None:
+        #: Collectors by task name.
+        self.collectors: dict[str, BatchCollector] = {}
+        #: The prefetch budget every batch task and key of the worker shares.
+        self.budget = PrefetchBudget(limit)
+
+
+def worker_batches(consumer: Consumer, app: Celery | None = None) -> WorkerBatches:
+    """Return the batch collectors and budget of ``consumer``, made on first use.
+
+    ``app`` (default: the consumer's) holds the ``batches_prefetch_limit``
+    setting.
+    """
+    batches: WorkerBatches | None = getattr(consumer, "_celery_batches", None)
+    if batches is None:
+        conf = (app if app is not None else consumer.app).conf
+        batches = WorkerBatches(prefetch_limit(conf))
+        consumer._celery_batches = batches
+    return batches
+
 
 def collectors_of(consumer: Consumer) -> dict[str, BatchCollector]:
     """Return the collectors of ``consumer``, by task name."""
-    registry: dict[str, BatchCollector] | None = getattr(
-        consumer, "_batch_collectors", None
-    )
-    if registry is None:
-        registry = {}
-        consumer._batch_collectors = registry
-    return registry
+    return worker_batches(consumer).collectors
 
 
 def _key_function(task: Batches) -> KeyFunction | None:
-    # Read from the class: a plain function set by the task decorator would
-    # come back from the instance as a bound method.
-    batch_key = getattr(type(task), "batch_key", None)
+    batch_key = batch_key_of(task)
     if batch_key is None:
         return None
     if isinstance(batch_key, str):
@@ -54,11 +79,6 @@ def _key_function(task: Batches) -> KeyFunction | None:
             return request.kwargs.get(name)  # type: ignore[no-any-return]
 
         return by_keyword
-    if not callable(batch_key):
-        raise TypeError(
-            f"{task.name}.batch_key must be a callable or a keyword name, "
-            f"not {batch_key!r}"
-        )
     user_key: Callable[[SimpleRequest], Hashable] = batch_key
 
     def by_callable(request: Request) -> Hashable:
@@ -76,9 +96,11 @@ class BatchCollector:
 
     Flushes a key's requests when ``flush_every`` of them wait, and every
     waiting request each ``flush_interval`` seconds. While a key has
-    requests waiting, the consumer's prefetch window is widened by twice
-    ``flush_every`` so the broker can deliver a full batch at Celery's
-    default prefetch settings, and narrowed again when they are flushed.
+    requests waiting, the consumer's prefetch window is widened by up to
+    twice ``flush_every``, drawn from the worker's
+    :class:`~celery_batches.prefetch.PrefetchBudget`, so the broker can
+    deliver a full batch at Celery's default prefetch settings; it is
+    narrowed again when they are flushed.
     """
 
     def __init__(self, task: Batches, consumer: Consumer) -> None:
@@ -86,9 +108,9 @@ class BatchCollector:
         self.consumer = consumer
         self.buffer: BatchBuffer[Request] = BatchBuffer(int(task.flush_every))
         self.flush_interval = float(task.flush_interval)
-        #: How much a waiting key widens the prefetch window: room for one
-        #: batch to fill while the one before it still counts against the
-        #: window (until the pool accepts it, or until it ends with
+        #: How much a waiting key asks to widen the prefetch window: room for
+        #: one batch to fill while the one before it still counts against
+        #: the window (until the pool accepts it, or until it ends with
         #: ``acks_late``). With only ``flush_every`` the broker stops after
         #: a flush until those acks are out, and the consumer sits idle.
         self.widening = 2 * self.buffer.flush_every
@@ -96,33 +118,44 @@ class BatchCollector:
         # The flush timer of non-event-loop pools runs in its own thread.
         self.lock = threading.RLock()
         self._timer_entry: Any = None
-        self._boosted: set[Hashable] = set()
+        self.budget = worker_batches(consumer, task.app).budget
+        self.budget.add_task(task.name)
         processes = getattr(consumer.pool, "num_processes", None) or 1
-        #: At most this many keys widen the prefetch window at once, so the
-        #: number of messages held in memory stays bounded with many keys.
+        #: At most this many keys of the task widen the window at once: more
+        #: would only hold more messages than the pool can run.
         self.max_boosted_keys = max(2, int(processes) + 1)
-        self._held: dict[str, tuple[Request, Any]] = {}
+        #: Calls held for their ETA, by identity: two messages may carry the
+        #: same task id (a redelivery, or an id reused on purpose), and each
+        #: is a message of its own to run and settle.
+        self._held: dict[int, tuple[Request, Any, bool]] = {}
         self.revoked_tasks = revoked_tasks
 
     # -- prefetch ---------------------------------------------------------
 
+    def _floor(self) -> int:
+        return int(getattr(self.consumer, "initial_prefetch_count", 1) or 1)
+
     def _boost(self, key: Hashable) -> None:
         # Celery's consumer does the same for ETA tasks: the broker keeps
         # delivering while messages wait in memory instead of in the pool.
-        if key in self._boosted or len(self._boosted) >= self.max_boosted_keys:
-            return
         qos = self.consumer.qos
-        if qos is not None:
-            self._boosted.add(key)
-            qos.increment_eventually(self.widening)
+        if qos is None or not qos.value:
+            return  # no window yet, or an unlimited one
+        room = PREFETCH_COUNT_MAX - qos.value
+        amount = self.budget.grant(
+            self.task.name,
+            key,
+            min(self.widening, room),
+            max_keys=self.max_boosted_keys,
+        )
+        if amount:
+            qos.increment_eventually(amount)
 
     def _unboost(self, key: Hashable) -> None:
-        if key in self._boosted:
-            self._boosted.discard(key)
-            qos = self.consumer.qos
-            if qos is not None:
-                floor = getattr(self.consumer, "initial_prefetch_count", 1) or 1
-                narrow_prefetch(qos, self.widening, int(floor))
+        amount = self.budget.release(self.task.name, key)
+        qos = self.consumer.qos
+        if amount and qos is not None:
+            narrow_prefetch(qos, amount, self._floor())
 
     # -- buffering --------------------------------------------------------
 
@@ -152,10 +185,7 @@ class BatchCollector:
     def _cancel_timer(self) -> None:
         entry, self._timer_entry = self._timer_entry, None
         if entry is not None:
-            try:
-                self.consumer.timer.cancel(entry)
-            except Exception:
-                logger.debug("Cannot cancel flush timer", exc_info=True)
+            self.consumer.timer.cancel(entry)
 
     def on_interval(self) -> None:
         """Timer callback: flush every waiting request."""
@@ -169,23 +199,48 @@ class BatchCollector:
             entry = self.consumer.timer.call_at(
                 eta, self.on_eta_due, (request, key), priority=6
             )
-            self._held[request.id] = (request, entry)
             qos = self.consumer.qos
-            if qos is not None:
+            # Like Celery for its ETA tasks: one more message in the window
+            # per held call, so held calls do not stop the broker. Only
+            # while the budget lasts: past it, held calls take their room
+            # from the consumer's own window until they are due.
+            widened = bool(qos is not None and qos.value and self.budget.hold())
+            if widened:
                 qos.increment_eventually()
+            self._held[id(request)] = (request, entry, widened)
 
     def on_eta_due(self, request: Request, key: Hashable = None) -> None:
         """Timer callback: an ETA request joins the buffer."""
         with self.lock:
-            if self._held.pop(request.id, None) is None:
+            held = self._held.pop(id(request), None)
+            if held is None:
                 return  # discarded by a connection loss meanwhile
-            qos = self.consumer.qos
-            if qos is not None:
-                qos.decrement_eventually()
+            if held[2]:
+                self.budget.unhold()
+                qos = self.consumer.qos
+                if qos is not None:
+                    narrow_prefetch(qos, 1, self._floor())
         task_reserved(request)
         self.add(request, key, reason="eta")
 
     # -- flushing ---------------------------------------------------------
+
+    def _live(self, batch: list[Request]) -> list[Request]:
+        """Leave out revoked and expired requests (which Celery then settles)."""
+        revoked = self.revoked_tasks
+        check_stamps = needs_revoke_check()
+        return [
+            request
+            for request in batch
+            if not (
+                (
+                    request.expires
+                    or request.id in revoked
+                    or (check_stamps and getattr(request, "stamped_headers", None))
+                )
+                and request.revoked()
+            )
+        ]
 
     def dispatch(
         self,
@@ -196,20 +251,31 @@ class BatchCollector:
     ) -> None:
         """Send ``batch`` to the pool, leaving out revoked and expired requests.
 
-        ``pool`` overrides the worker's pool (used at shutdown).
+        ``pool`` overrides the worker's pool (used at shutdown). Never
+        raises: a batch that cannot be handed over is failed, so no message
+        is left unacked in the worker for ever.
         """
-        revoked = self.revoked_tasks
-        live = [
-            request
-            for request in batch
-            if not ((request.expires or request.id in revoked) and request.revoked())
-        ]
+        live = self._live(batch)
         if not live:
             return
-        if pool is None:
-            self.task.flush(live)
-        else:
-            dispatch_batch(self.task, live, pool, hostname=live[0].hostname)
+        try:
+            if pool is None:
+                self.task.flush(live)
+            else:
+                dispatch_batch(self.task, live, pool, hostname=live[0].hostname)
+        # Batches.flush may be overridden by the user; whatever it (or the
+        # pool) raises, these requests will not run: each is failed and its
+        # message rejected, and the worker goes on with the next batch.
+        except Exception as exc:
+            logger.error(
+                "Cannot hand a batch of %d %s requests to the pool",
+                len(live),
+                self.task.name,
+                exc_info=True,
+            )
+            for request in live:
+                fail_request(self.task, request, exc)
+            return
         if batch_flushed.receivers:
             batch_flushed.send(
                 sender=self.task,
@@ -241,14 +307,14 @@ class BatchCollector:
         """
         with self.lock:
             waiting = self.buffer.clear()
-            held = [request for request, _ in self._held.values()]
-            for _, entry in self._held.values():
-                try:
-                    self.consumer.timer.cancel(entry)
-                except Exception:
-                    logger.debug("Cannot cancel ETA timer", exc_info=True)
+            held = [request for request, _, _ in self._held.values()]
+            for _, entry, _ in self._held.values():
+                self.consumer.timer.cancel(entry)
+            self.budget.unhold(sum(1 for *_, widened in self._held.values() if widened))
             self._held.clear()
-            self._boosted.clear()
+            # The consumer's window goes with the connection; a new one
+            # starts from Celery's own prefetch count.
+            self.budget.release_task(self.task.name)
             self._cancel_timer()
         for request in (*waiting, *held):
             task_ready(request)

@@ -10,6 +10,7 @@ from celery.exceptions import InvalidTaskError
 from celery.utils.log import get_logger
 from celery.worker.state import task_ready
 
+from ._compat import request_context_or_none
 from .acks import ack_together
 from .request import SimpleRequest
 from .trace import Outcome, execute_batch, run_batch
@@ -19,7 +20,13 @@ if TYPE_CHECKING:
     from celery.concurrency.base import BasePool
     from celery.worker.request import Request
 
-__all__ = ["BatchJob", "dispatch_batch", "inline_pool", "uses_processes"]
+__all__ = [
+    "BatchJob",
+    "dispatch_batch",
+    "fail_request",
+    "inline_pool",
+    "uses_processes",
+]
 
 logger = get_logger(__name__)
 
@@ -167,7 +174,14 @@ def dispatch_batch(
         if in_processes:
             error = _unpicklable(request, snapshot)
             if error is not None:
-                _reject_unpicklable(task, request, error)
+                fail_request(
+                    task,
+                    request,
+                    InvalidTaskError(
+                        f"arguments of {request.name}[{request.id}] cannot be "
+                        f"sent to the pool: {error!r}"
+                    ),
+                )
                 continue
         runnable.append(request)
         simple.append(snapshot)
@@ -194,13 +208,37 @@ def _execute_in_process(
     return run_batch(task, requests, hostname=hostname)[1]
 
 
-def _reject_unpicklable(task: Task, request: Request, exc: Exception) -> None:
-    error = InvalidTaskError(
-        f"arguments of {request.name}[{request.id}] cannot be sent to the pool: {exc!r}"
+def fail_request(task: Task, request: Request, exc: BaseException) -> None:
+    """Store ``exc`` as the failure of ``request`` and reject its message.
+
+    For a request that can no longer run: FAILURE is stored (an
+    :exc:`~celery.exceptions.InvalidTaskError` naming the cause) and the
+    message is rejected without requeue, so the broker does not deliver it
+    again.
+    """
+    error = (
+        exc
+        if isinstance(exc, InvalidTaskError)
+        else InvalidTaskError(
+            f"{request.name}[{request.id}] cannot run in a batch: {exc!r}"
+        )
     )
     logger.error("Rejecting %s[%s]: %s", request.name, request.id, error)
-    task.backend.mark_as_failure(
-        request.id, error, request=request._context, store_result=True
-    )
+    try:
+        task.backend.mark_as_failure(
+            request.id,
+            error,
+            request=request_context_or_none(request),
+            store_result=True,
+        )
+    # The result backend is the user's server: failing to store there must
+    # not keep the message from being rejected below.
+    except Exception:
+        logger.error(
+            "Cannot store the failure of %s[%s]",
+            request.name,
+            request.id,
+            exc_info=True,
+        )
     task_ready(request)
     request.reject(requeue=False)
