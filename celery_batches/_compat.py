@@ -6,14 +6,19 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from celery._state import _task_stack
 from celery.utils.log import get_logger
+from celery.worker import state as worker_state
 
 if TYPE_CHECKING:
+    from celery.app.task import Context
     from celery.worker.request import Request
 
 __all__ = [
     "current_task_stack",
+    "message_options",
     "narrow_prefetch",
+    "needs_revoke_check",
     "request_context",
+    "request_context_or_none",
     "survive_collected_redis_transport",
     "wake_hub_with_pending_callbacks",
 ]
@@ -37,16 +42,50 @@ def request_context(request: Request) -> dict[str, Any]:
     would cost a throw-away ``Context`` each time.
     """
     request_dict: dict[str, Any] = request.request_dict
-    payload = getattr(request, "_payload", None)
-    if payload is not None:
-        embed = payload[2]
-        if embed:
-            request_dict.update(embed)
-        return request_dict
-    request_dict = dict(request_dict)
-    request_dict.setdefault("chord", request.chord)
-    request_dict.setdefault("errbacks", request.errbacks)
+    options = message_options(request)
+    if options:
+        request_dict.update(options)
     return request_dict
+
+
+def message_options(request: Request) -> Any:
+    """Return the options part of ``request``'s body (callbacks, chain, ...).
+
+    ``Request._payload`` is private but present from 5.2 to 5.7 (the
+    decoded ``(args, kwargs, options)``); it is read once per message.
+    """
+    return request._payload[2]
+
+
+def request_context_or_none(request: Request) -> Context | None:
+    """Return Celery's ``Request._context`` of ``request``, or ``None``.
+
+    ``None`` when the message's options part cannot be read (a poison
+    message being failed): the failure is then stored without the
+    request's extra fields, but stored.
+    """
+    try:
+        context: Context = request._context
+        return context
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+#: Stamps revoked with ``revoke_by_stamped_headers`` (Celery 5.3+; Celery 5.2
+#: has no such revoke, so an empty mapping stands in for it).
+_revoked_stamps: dict[str, Any] = getattr(worker_state, "revoked_stamps", {})
+
+
+def needs_revoke_check() -> bool:
+    """Return ``True`` if some stamp is revoked, so each request must be asked.
+
+    Celery's strategy asks ``Request.revoked()`` only for a request with
+    ``expires`` or a revoked id, since a revoke by stamped header needs a
+    look at every request's stamps. A waiting batch call gets that look
+    when it is flushed, as a plain task gets it before it runs, but only
+    while a stamp is revoked: the common case stays one dict lookup.
+    """
+    return bool(_revoked_stamps)
 
 
 def current_task_stack() -> tuple[Callable[[Any], None], Callable[[], Any]]:

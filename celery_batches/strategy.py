@@ -15,8 +15,10 @@ from celery.worker.request import create_request_cls
 from celery.worker.state import task_reserved
 from celery.worker.strategy import hybrid_to_proto2, proto1_to_proto2
 from kombu.asynchronous.timer import to_timestamp
+from kombu.exceptions import KombuError
 
-from .collector import BatchCollector, collectors_of
+from .collector import BatchCollector, worker_batches
+from .shape import check_shape
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -29,8 +31,24 @@ __all__ = ["batches_strategy"]
 
 logger = get_logger(__name__)
 
-#: The exceptions a malformed message raises while Celery decodes it.
-_MALFORMED = (ValueError, TypeError, KeyError, AttributeError, IndexError)
+#: The exceptions a malformed message raises while Celery decodes it:
+#: Kombu's (an unknown content type, a body that does not decode) and those
+#: of unpacking a body of the wrong shape. RecursionError: a JSON body
+#: nested deeper than the interpreter's stack.
+_MALFORMED = (
+    KombuError,
+    ValueError,
+    TypeError,
+    KeyError,
+    AttributeError,
+    IndexError,
+    RecursionError,
+)
+
+INTERNAL_ERROR = (
+    "celery_batches: internal error while receiving a %s message; "
+    "the message is rejected. Please report this with the traceback."
+)
 
 STEP_MISSING = (
     "celery_batches: the worker has no BatchesStep; buffered %s requests "
@@ -94,7 +112,7 @@ def batches_strategy(
     log_received = app_trace.LOG_RECEIVED
     task_received = signals.task_received
 
-    registry = collectors_of(consumer)
+    registry = worker_batches(consumer, app).collectors
     collector = registry.get(task.name)
     if collector is None:
         collector = registry[task.name] = BatchCollector(task, consumer)
@@ -142,13 +160,7 @@ def batches_strategy(
                 decoded=decoded,
                 utc=utc,
             )
-            args, kwargs = req.args, req.kwargs
-            if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
-                raise TypeError(
-                    "args must be a list and kwargs a mapping, got "
-                    f"{type(args).__name__} and {type(kwargs).__name__}"
-                )
-            key = key_of(req) if key_of is not None else None
+            check_shape(req)
         except InvalidTaskError as exc:
             # Celery's own checks (bad ETA string, bad expires): the
             # consumer rejects the message; store the failure first.
@@ -159,8 +171,24 @@ def batches_strategy(
             # InvalidTaskError so the consumer rejects it and goes on.
             raise _fail_malformed(task, message, raw_body, exc) from exc
         except Exception as exc:
-            # The user's batch_key raised: reject this message only.
+            # Not a shape we know to be malformed: a bug of ours, or of
+            # Celery's, that this message found. Say so loudly, with the
+            # traceback, but reject only this message and keep the worker.
+            logger.critical(INTERNAL_ERROR, task.name, exc_info=True)
             raise _fail_malformed(task, message, raw_body, exc) from exc
+
+        if key_of is None:
+            key = None
+        else:
+            try:
+                key = key_of(req)
+                # Buffers are keyed by it: an unhashable key (a list from
+                # the message, say) must fail here, inside the guard.
+                hash(key)
+            # The user's batch_key runs here: whatever it raises, or a key
+            # that cannot be hashed, rejects this message only.
+            except Exception as exc:
+                raise _fail_malformed(task, message, raw_body, exc) from exc
 
         if _does_info:
             context = {

@@ -1,0 +1,60 @@
+"""Checking that a received call has the shape of a task call, before it waits.
+
+Celery's default strategy hands a message to the pool as it is, and a body
+of the wrong shape fails there, in one task. A batch call waits in the
+worker's main process and is unpacked again when its batch is flushed, so
+a wrong shape must be found on arrival: later it would fail the batch, or
+the worker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from ._compat import message_options
+
+if TYPE_CHECKING:
+    from celery.worker.request import Request
+
+__all__ = ["check_shape"]
+
+#: Options of a call that hold a list of signatures (mappings), or None.
+_SIGNATURE_LISTS = ("callbacks", "errbacks", "chain")
+
+
+def check_shape(request: Request) -> None:
+    """Raise ``TypeError`` if ``request``'s body is not ``[args, kwargs, options]``.
+
+    ``args`` must be a list or tuple, ``kwargs`` a mapping, and ``options``
+    (the third part of a protocol 2 body) ``None`` or a mapping whose
+    ``callbacks``, ``errbacks`` and ``chain`` are lists of signatures and
+    whose ``chord`` is a signature.
+    """
+    args, kwargs = request.args, request.kwargs
+    if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
+        raise TypeError(
+            "args must be a list and kwargs a mapping, got "
+            f"{type(args).__name__} and {type(kwargs).__name__}"
+        )
+    options = message_options(request)
+    if not options:
+        return
+    if not isinstance(options, dict):
+        raise TypeError(
+            "the options part of the body (callbacks, errbacks, chain, "
+            f"chord) must be a mapping, got {type(options).__name__}"
+        )
+    for name in _SIGNATURE_LISTS:
+        value = options.get(name)
+        if value is not None and not _signatures(value):
+            raise TypeError(f"{name} must be a list of signatures, got {value!r:.80}")
+    chord = options.get("chord")
+    if chord is not None and not isinstance(chord, Mapping):
+        raise TypeError(f"chord must be a signature, got {chord!r:.80}")
+
+
+def _signatures(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(
+        isinstance(item, Mapping) for item in value
+    )
