@@ -260,16 +260,25 @@ class SimpleRequest:
                 )
             else:
                 countdown = task.default_retry_delay
-        signature = task.signature_from_request(
-            ctx,
-            self.args,
-            self.kwargs,
-            task_id=self.id,
-            countdown=countdown,
-            eta=eta,
-            retries=retries + 1,
-        )
-        signature.apply_async()
+        try:
+            task.signature_from_request(
+                ctx,
+                self.args,
+                self.kwargs,
+                task_id=self.id,
+                countdown=countdown,
+                eta=eta,
+                retries=retries + 1,
+            ).apply_async()
+        # The broker refused the retry (or the call's options are corrupt):
+        # the call cannot run again, so it fails, as a plain task whose
+        # retry cannot be sent fails.
+        except Exception as send_error:
+            logger.error(
+                "Cannot send the retry of %s[%s]: %r", self.name, self.id, send_error
+            )
+            settle_failure(task, self, send_error)
+            return
         reason = exc if exc is not None else RetryRequested.after(countdown, eta)
         if not self.ignore_result:
             task.backend.mark_as_retry(self.id, reason, request=ctx)

@@ -37,7 +37,7 @@ class ResultWriter:
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
-        self.pending: list[tuple[SimpleRequest, Any]] = []
+        self.pending: list[tuple[SimpleRequest, Any, Any]] = []
 
     @classmethod
     def for_backend(cls, backend: Backend) -> ResultWriter | None:
@@ -57,7 +57,23 @@ class ResultWriter:
         return not request.ignore_result and not request.context.chord
 
     def add(self, request: SimpleRequest, result: Any) -> None:
-        self.pending.append((request, result))
+        """Keep ``result`` for ``request``, to be stored when the batch ends.
+
+        Raises:
+            kombu.exceptions.EncodeError: the result serializer refuses
+                ``result``; nothing is kept, and the caller fails the
+                request, as Celery fails a task whose result cannot be
+                stored.
+        """
+        backend: Any = self.backend
+        meta = backend._get_result_meta(
+            result=backend.encode_result(result, states.SUCCESS),
+            state=states.SUCCESS,
+            traceback=None,
+            request=request.context,
+        )
+        meta["task_id"] = request.id
+        self.pending.append((request, result, backend.encode(meta)))
 
     def flush(self) -> None:
         """Store every collected result."""
@@ -66,19 +82,20 @@ class ResultWriter:
             return
         try:
             self._store_redis(pending)
+        # The Redis server, its client library or our pipeline failed: the
+        # results are stored one by one instead, as Celery would have.
         except Exception:
-            # One failed pipeline must not lose the batch's results: store
-            # them one by one, as Celery would have.
             logger.warning(
                 "Storing %d results in one pipeline failed; storing one by one",
                 len(pending),
                 exc_info=True,
             )
-            for request, result in pending:
+            for request, result, _ in pending:
                 try:
                     self.backend.mark_as_done(
                         request.id, result, request=request.context
                     )
+                # The server is unreachable: nothing more can be done here.
                 except Exception:
                     logger.error(
                         "Cannot store the result of %s[%s]",
@@ -87,25 +104,17 @@ class ResultWriter:
                         exc_info=True,
                     )
 
-    def _store_redis(self, pending: list[tuple[SimpleRequest, Any]]) -> None:
+    def _store_redis(self, pending: list[tuple[SimpleRequest, Any, Any]]) -> None:
         backend: Any = self.backend
-        keys = [backend.get_key_for_task(request.id) for request, _ in pending]
+        keys = [backend.get_key_for_task(request.id) for request, _, _ in pending]
         current = backend.ensure(backend.mget, (keys,))
         expires = backend.expires
         with backend.client.pipeline() as pipe:
-            for (request, result), key, stored in zip(pending, keys, current):
+            for (_, _, value), key, stored in zip(pending, keys, current):
                 if stored is not None:
                     meta = backend.decode_result(stored)
                     if meta.get("status") == states.SUCCESS:
                         continue
-                meta = backend._get_result_meta(
-                    result=backend.encode_result(result, states.SUCCESS),
-                    state=states.SUCCESS,
-                    traceback=None,
-                    request=request.context,
-                )
-                meta["task_id"] = request.id
-                value = backend.encode(meta)
                 # SET with EX, not SETEX: redis-py 8 deprecates setex().
                 pipe.set(key, value, ex=expires or None)
                 pipe.publish(key, value)

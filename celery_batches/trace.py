@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import pickle
 import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from billiard.einfo import ExceptionInfo
 from celery import current_app, signals, states
-from celery.exceptions import Retry
+from celery.exceptions import Ignore, Reject, Retry
 from celery.utils.log import get_logger
 from celery.utils.nodenames import gethostname
 from celery.utils.saferepr import saferepr
@@ -19,6 +20,7 @@ from celery.utils.serialization import (
 from kombu.utils.uuid import uuid
 
 from ._compat import current_task_stack
+from .errors import ResultShapeError
 from .results import active_writer, writing_results
 
 if TYPE_CHECKING:
@@ -28,8 +30,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Outcome",
+    "exception_info",
     "execute_batch",
+    "retry_unsettled",
     "run_batch",
+    "running_batch",
     "settle_failure",
     "settle_success",
     "unwrap_exception",
@@ -48,9 +53,38 @@ def _push_context(task: Task, request: SimpleRequest) -> None:
 
 
 def settle_success(task: Task, request: SimpleRequest, result: Any) -> None:
-    """Store ``result`` for ``request`` with a plain task's side effects."""
+    """Store ``result`` for ``request`` with a plain task's side effects.
+
+    If the result cannot be stored (the result serializer refuses it, a
+    ``link`` callback or the next step of a chain cannot be sent), the
+    request fails with that error instead, as a plain task does, and the
+    other requests of the batch are not affected.
+    """
     if request._refuses("a new result"):
         return
+    try:
+        _send_callbacks_and_store(task, request, result)
+    # The user's value, signatures and result backend are all involved
+    # here: whatever fails, this request (and only it) is stored as failed.
+    except Exception as exc:
+        logger.error(
+            "Cannot store the result of %s[%s]: %r; it fails instead",
+            request.name,
+            request.id,
+            exc,
+        )
+        settle_failure(task, request, exc)
+        return
+    request._outcome = (states.SUCCESS, result)
+    if signals.task_success.receivers:
+        _push_context(task, request)
+        try:
+            signals.task_success.send(sender=task, result=result)
+        finally:
+            task.request_stack.pop()
+
+
+def _send_callbacks_and_store(task: Task, request: SimpleRequest, result: Any) -> None:
     ctx = request.context
     app = task.app
     # Celery's tracer sends callbacks and the next chain step before it
@@ -70,18 +104,13 @@ def settle_success(task: Task, request: SimpleRequest, result: Any) -> None:
         )
     writer = active_writer()
     if writer is not None and writer.accepts(request):
+        # Encodes now, so a value the serializer refuses fails here, for
+        # this request, not when the batch's results are written.
         writer.add(request, result)
     else:
         task.backend.mark_as_done(
             request.id, result, request=ctx, store_result=not request.ignore_result
         )
-    request._outcome = (states.SUCCESS, result)
-    if signals.task_success.receivers:
-        _push_context(task, request)
-        try:
-            signals.task_success.send(sender=task, result=result)
-        finally:
-            task.request_stack.pop()
 
 
 def settle_failure(
@@ -99,13 +128,23 @@ def settle_failure(
     if traceback is None:
         traceback = einfo.traceback
     ctx = request.context
-    task.backend.mark_as_failure(
-        request.id,
-        exc,
-        traceback,
-        request=ctx,
-        store_result=task.store_errors_even_if_ignored or not request.ignore_result,
-    )
+    try:
+        task.backend.mark_as_failure(
+            request.id,
+            exc,
+            traceback,
+            request=ctx,
+            store_result=task.store_errors_even_if_ignored or not request.ignore_result,
+        )
+    # The result backend (or an errback it sends) failed: the outcome is a
+    # failure all the same, and the worker settles the message by it.
+    except Exception:
+        logger.error(
+            "Cannot store the failure of %s[%s]",
+            request.name,
+            request.id,
+            exc_info=True,
+        )
     request._outcome = (states.FAILURE, einfo)
     if signals.task_failure.receivers:
         _push_context(task, request)
@@ -153,15 +192,28 @@ def _pickleable(einfo: ExceptionInfo) -> ExceptionInfo:
     return einfo
 
 
-def _distribute(task: Task, requests: list[SimpleRequest], retval: Any) -> None:
-    """Store one value per request from the body's return value."""
+def _distribute(
+    task: Task, requests: list[SimpleRequest], retval: Any
+) -> ResultShapeError | None:
+    """Store one value per request from the body's return value.
+
+    Returns:
+        A :exc:`~celery_batches.errors.ResultShapeError` if ``retval`` is
+        not one value per unsettled request (nothing is stored then), else
+        ``None``.
+    """
+    if all(request._outcome is not None for request in requests):
+        # The body settled every call itself: its return value is not a
+        # result of any of them, whatever it is.
+        return None
     if isinstance(retval, Mapping):
         known = {r.id for r in requests}
         unknown = [key for key in retval if key not in known]
         if unknown:
-            raise ValueError(
+            return ResultShapeError(
                 f"{task.name} returned results for unknown request ids "
-                f"{unknown[:5]!r}; per_request_results maps request.id to a value"
+                f"{unknown[:5]!r}; per_request_results expects a mapping of "
+                "request.id to value, or a sequence of one value per request"
             )
         missing = [r for r in requests if r.id not in retval]
         if missing:
@@ -173,26 +225,44 @@ def _distribute(task: Task, requests: list[SimpleRequest], retval: Any) -> None:
                 if request._outcome is None:
                     settle_failure(task, request, error)
         pairs = [(r, retval[r.id]) for r in requests if r.id in retval]
-    elif isinstance(retval, Sequence) and not isinstance(retval, (str, bytes)):
+    elif isinstance(retval, Sequence) and not isinstance(
+        retval, (str, bytes, bytearray)
+    ):
         if len(retval) != len(requests):
-            raise ValueError(
+            return ResultShapeError(
                 f"{task.name} returned {len(retval)} results for a batch of "
-                f"{len(requests)} requests; per_request_results needs one "
-                "value per request, in order"
+                f"{len(requests)} requests; per_request_results "
+                "expects one value per request, in order, or a mapping of "
+                "request.id to value"
             )
         pairs = list(zip(requests, retval))
     else:
-        raise TypeError(
+        return ResultShapeError(
             f"{task.name} returned {type(retval).__name__}; per_request_results "
-            "needs a sequence (one value per request) or a mapping of request.id"
+            "expects a sequence of one value per request, in order, or a "
+            "mapping of request.id to value"
         )
     for request, value in pairs:
         if request._outcome is not None:
             continue
-        if isinstance(value, BaseException):
+        if isinstance(value, (Reject, Ignore)):
+            _settle_predicate(request, value)
+        elif isinstance(value, BaseException):
             settle_failure(task, request, value)
         else:
             settle_success(task, request, value)
+    return None
+
+
+def _settle_predicate(request: SimpleRequest, exc: Reject | Ignore) -> None:
+    """Leave ``request`` to the worker's own handling of ``Reject``/``Ignore``.
+
+    Nothing is stored here: as for a plain task, the worker rejects (or
+    requeues) or acks the message, and stores what its Celery version
+    stores for it.
+    """
+    state = states.REJECTED if isinstance(exc, Reject) else states.IGNORED
+    request._outcome = (state, exc)
 
 
 def _fail_unsettled(
@@ -204,12 +274,17 @@ def _fail_unsettled(
             settle_failure(task, request, exc, einfo=einfo)
 
 
-def _retry_unsettled(
+def retry_unsettled(
     task: Task,
     requests: list[SimpleRequest],
-    exc: BaseException,
+    exc: BaseException | None,
     options: dict[str, Any] | None = None,
 ) -> None:
+    """Send every request of ``requests`` the body left unsettled again.
+
+    ``options`` are the ``countdown``, ``eta`` and ``max_retries`` of the
+    retry (default: the task's ``retry_kwargs``).
+    """
     if options is None:
         options = dict(getattr(task, "retry_kwargs", None) or {})
     # SimpleRequest.retry takes when and how often; other retry options of
@@ -218,6 +293,14 @@ def _retry_unsettled(
     for request in requests:
         if request._outcome is None:
             request.retry(exc=exc, **when)
+
+
+def running_batch(task: Task) -> list[SimpleRequest]:
+    """Return the requests of the batch ``task`` runs in this thread, if any."""
+    args = task.request.args
+    if args and isinstance(args[0], list):
+        return args[0]
+    return []
 
 
 def _wants_autoretry(task: Task, exc: BaseException) -> bool:
@@ -296,8 +379,19 @@ def _call_body(
     """Call the batch body; settle what it leaves unsettled if it raises."""
     try:
         retval = body(requests)
-        if getattr(task, "per_request_results", False):
-            _distribute(task, requests, retval)
+    except (Reject, Ignore) as exc:
+        # As Celery's tracer does for a plain task: nothing is stored in
+        # the pool; the worker rejects, requeues or acks each message.
+        if isinstance(exc, Reject):
+            logger.warning(
+                "Batch of %d %s requests rejected: %r", len(requests), task.name, exc
+            )
+        else:
+            logger.info("Batch of %d %s requests ignored", len(requests), task.name)
+        for request in requests:
+            if request._outcome is None:
+                _settle_predicate(request, exc)
+        return None, exc
     # The user's batch body runs here: whatever it raises settles every
     # request it left unsettled (failure, or retry for autoretry_for), and
     # the worker goes on with the next batch.
@@ -305,9 +399,9 @@ def _call_body(
         if isinstance(exc, Retry):
             cause = exc.exc if exc.exc is not None else exc
             options = getattr(exc, "batch_retry_options", None)
-            _retry_unsettled(task, requests, cause, options)
+            retry_unsettled(task, requests, cause, options)
         elif _wants_autoretry(task, exc):
-            _retry_unsettled(task, requests, exc)
+            retry_unsettled(task, requests, exc)
         else:
             logger.error(
                 "Batch of %d %s requests raised %r",
@@ -318,6 +412,12 @@ def _call_body(
             )
             _fail_unsettled(task, requests, exc)
         return None, exc
+    if getattr(task, "per_request_results", False):
+        error = _distribute(task, requests, retval)
+        if error is not None:
+            logger.error("%s", error)
+            _fail_unsettled(task, requests, error)
+            return retval, error
     if signals.task_success.receivers:
         signals.task_success.send(sender=task, result=retval)
     return retval, None
@@ -326,6 +426,10 @@ def _call_body(
 def _batch_state(task: Task, exc: BaseException | None) -> str:
     if exc is None:
         return str(states.SUCCESS)
+    if isinstance(exc, Reject):
+        return str(states.REJECTED)
+    if isinstance(exc, Ignore):
+        return str(states.IGNORED)
     if isinstance(exc, Retry) or _wants_autoretry(task, exc):
         return str(states.RETRY)
     return str(states.FAILURE)
@@ -341,7 +445,31 @@ def _outcome(request: SimpleRequest, runtime: float) -> Outcome:
     if state == states.RETRY:
         retry = Retry(exc=get_pickleable_exception(value))
         return (1, _pickleable(exception_info(retry)), runtime)
+    if state in (states.REJECTED, states.IGNORED):
+        # Internal, as Celery's tracer marks them: the worker handles the
+        # predicate itself and logs no failure for it.
+        return (1, _predicate_info(value), runtime)
     return (1, _pickleable(value), runtime)
+
+
+def _predicate_info(exc: Reject | Ignore) -> ExceptionInfo:
+    """An internal ExceptionInfo of ``exc`` that survives the trip to the worker."""
+    if isinstance(exc, Reject) and not _pickles(exc):
+        exc = Reject(saferepr(exc.reason), requeue=exc.requeue)
+    elif isinstance(exc, Ignore) and not _pickles(exc):
+        exc = Ignore()
+    einfo = exception_info(exc)
+    einfo.internal = True
+    return einfo
+
+
+def _pickles(value: Any) -> bool:
+    try:
+        pickle.loads(pickle.dumps(value))
+    # Anything a user's object raises while (un)pickling means "no".
+    except Exception:
+        return False
+    return True
 
 
 def _has_custom_call(task: Task) -> bool:
