@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from celery import Celery, signals
+from celery.exceptions import Ignore, Reject
 
 from celery_batches import Batches, SimpleRequest
 from celery_batches.signals import batch_flushed
@@ -246,6 +247,103 @@ def create_app(
         # A plain task, for chord callbacks over batch members.
         return sum(values)
 
+    # -- the hardening suite's tasks (tests/fault/test_hardening.py) -------
+
+    @app.task(
+        base=Batches,
+        name="tests.unencodable",
+        flush_every=3,
+        flush_interval=0.5,
+        per_request_results=True,
+        shared=False,
+    )
+    def unencodable(requests: list[SimpleRequest]) -> list[Any]:
+        # A set is a value the JSON result serializer cannot encode.
+        record(requests)
+        return [{r.args[0]} if r.args[0] == "bad" else r.args[0] for r in requests]
+
+    @app.task(
+        base=Batches,
+        name="tests.settles_all",
+        flush_every=3,
+        flush_interval=0.5,
+        per_request_results=True,
+        shared=False,
+    )
+    def settles_all(requests: list[SimpleRequest]) -> None:
+        # Settles every call itself and returns nothing to distribute.
+        record(requests)
+        for r in requests:
+            r.mark_as_done(r.args[0])
+
+    @app.task(
+        base=Batches,
+        name="tests.retry_nothrow",
+        bind=True,
+        flush_every=3,
+        flush_interval=0.3,
+        max_retries=3,
+        shared=False,
+    )
+    def retry_nothrow(self: Batches, requests: list[SimpleRequest]) -> None:
+        record(requests)
+        first = [r for r in requests if not r.request_dict.get("retries")]
+        if first:
+            # Celery's Task.retry(throw=False) sends the retry and returns.
+            self.retry(countdown=0.2, throw=False)
+        for r in requests:
+            if not r.settled:
+                r.mark_as_done(r.request_dict.get("retries"))
+
+    @app.task(
+        base=Batches,
+        name="tests.huge",
+        flush_every=50_000,
+        flush_interval=5,
+        ignore_result=True,
+        shared=False,
+    )
+    def huge(requests: list[SimpleRequest]) -> None:
+        # Would widen the prefetch window past what AMQP can carry.
+        record(requests)
+
+    def predicate(mode: str, redelivered: bool) -> Any:
+        """What the reject/ignore twins raise (or return, once redelivered)."""
+        if mode == "reject":
+            raise Reject("rejected on purpose", requeue=False)
+        if mode == "requeue" and not redelivered:
+            raise Reject("again, please", requeue=True)
+        if mode == "ignore":
+            raise Ignore()
+        return "second time"
+
+    def twins(mode: str) -> None:
+        """A batch task and a plain task that end their calls the same way."""
+
+        @app.task(
+            base=Batches,
+            name=f"tests.batch_{mode}",
+            flush_every=3,
+            flush_interval=0.5,
+            acks_late=True,
+            per_request_results=True,
+            shared=False,
+        )
+        def batch_twin(requests: list[SimpleRequest]) -> list[Any]:
+            record(requests)
+            redelivered = all(r.delivery_info.get("redelivered") for r in requests)
+            value = predicate(mode, redelivered)
+            return [value] * len(requests)
+
+        @app.task(name=f"tests.plain_{mode}", bind=True, acks_late=True, shared=False)
+        def plain_twin(self: Any, value: int) -> Any:
+            log.write("plainrun", self.request.id, os.getpid())
+            redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+            return predicate(mode, redelivered)
+
+    for mode in ("reject", "requeue", "ignore"):
+        twins(mode)
+
     # -- the fault suite's tasks (tests/fault), all named tests.fault_* ----
 
     gate = journal + ".gate"
@@ -392,6 +490,13 @@ def create_app(
     def on_prerun(sender: Any = None, task_id: str = "", **kw: Any) -> None:
         if sender is not None and sender.app is app:
             log.write("prerun", task_id, sender.name)
+
+    @signals.task_postrun.connect(weak=False)
+    def on_postrun(
+        sender: Any = None, task_id: str = "", state: str = "", **kw: Any
+    ) -> None:
+        if sender is not None and sender.app is app:
+            log.write("postrun", task_id, sender.name, state)
 
     @signals.task_retry.connect(weak=False)
     def on_retry(sender: Any = None, request: Any = None, **kw: Any) -> None:
