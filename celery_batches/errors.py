@@ -4,7 +4,7 @@
 
     BatchesError
     ├── InvalidBatchSetting        (also a ValueError)
-    └── ResultShapeError           (also a TypeError)
+    └── ResultShapeError           (also a TypeError and a ValueError)
 
 Catch :exc:`BatchesError` for anything this library raises on its own
 behalf; errors from Celery, the broker or the result backend pass through
@@ -42,10 +42,12 @@ class InvalidBatchSetting(BatchesError, ValueError):
         return (type(self), (self.task, self.option, self.value, self.allowed))
 
 
-class ResultShapeError(BatchesError, TypeError):
+class ResultShapeError(BatchesError, TypeError, ValueError):
     """A ``per_request_results`` body returned something that is not one value per call.
 
     The message names the task, the shape expected and the shape returned.
     The calls the body had not settled fail with it; calls it had settled
-    keep their outcome.
+    keep their outcome. Both a ``TypeError`` (a value of the wrong type) and
+    a ``ValueError`` (a sequence of the wrong length), as earlier releases
+    raised one or the other.
     """
