@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from celery.worker.request import Request
 
 __all__ = [
+    "cancel_timer_entry",
     "current_task_stack",
     "message_options",
     "narrow_prefetch",
@@ -131,6 +132,31 @@ def wake_hub_with_pending_callbacks(
             waker.wake()
 
     return tick
+
+
+def cancel_timer_entry(timer: Any, entry: Any) -> None:
+    """Cancel ``entry``, which ``timer.call_at``/``call_repeatedly`` returned.
+
+    The gevent and eventlet pools' timers return a greenlet whose
+    ``entry`` is Kombu's timer entry, and cancel by killing that greenlet.
+    Killed from inside itself (the flush timer cancels itself when its
+    flush empties the buffer), gevent's greenlet dies on the spot, halfway
+    through the flush: the batches drained so far were never run nor acked.
+    A repeating entry also moves to a new greenlet each time it fires, so
+    killing the first one does not stop it. Marking Kombu's entry cancelled
+    stops the repeats on every pool; the greenlet is killed only when it is
+    not the one running. (Celery 5.2-5.7 use these timers for gevent and
+    eventlet.)
+    """
+    inner = getattr(entry, "entry", None)
+    if inner is None:
+        timer.cancel(entry)
+        return
+    inner.cancel()
+    from greenlet import getcurrent  # gevent and eventlet both run on it
+
+    if entry is not getcurrent():
+        timer.cancel(entry)
 
 
 def narrow_prefetch(qos: Any, n: int, floor: int) -> None:

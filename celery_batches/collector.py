@@ -10,7 +10,7 @@ from celery.utils.log import get_logger
 from celery.worker.state import revoked as revoked_tasks
 from celery.worker.state import task_ready, task_reserved
 
-from ._compat import narrow_prefetch, needs_revoke_check
+from ._compat import cancel_timer_entry, narrow_prefetch, needs_revoke_check
 from .buffer import BatchBuffer
 from .dispatch import dispatch_batch, fail_request
 from .prefetch import PrefetchBudget
@@ -118,6 +118,7 @@ class BatchCollector:
         # The flush timer of non-event-loop pools runs in its own thread.
         self.lock = threading.RLock()
         self._timer_entry: Any = None
+        self._timer_generation = 0
         self.budget = worker_batches(consumer, task.app).budget
         self.budget.add_task(task.name)
         processes = getattr(consumer.pool, "num_processes", None) or 1
@@ -178,17 +179,30 @@ class BatchCollector:
             self.dispatch(batch, key, reason)
 
     def _arm_timer(self) -> None:
+        self._timer_generation += 1
+        generation = self._timer_generation
+
+        def on_interval() -> None:
+            self.on_interval(generation)
+
         self._timer_entry = self.consumer.timer.call_repeatedly(
-            self.flush_interval, self.on_interval, priority=5
+            self.flush_interval, on_interval, priority=5
         )
 
     def _cancel_timer(self) -> None:
         entry, self._timer_entry = self._timer_entry, None
         if entry is not None:
-            self.consumer.timer.cancel(entry)
+            cancel_timer_entry(self.consumer.timer, entry)
 
-    def on_interval(self) -> None:
-        """Timer callback: flush every waiting request."""
+    def on_interval(self, generation: int | None = None) -> None:
+        """Timer callback: flush every waiting request.
+
+        ``generation`` is that of the timer that fired: a timer of the
+        gevent and eventlet pools may fire once more after it was
+        cancelled, and such a late call does nothing.
+        """
+        if generation is not None and generation != self._timer_generation:
+            return
         self.flush_all("interval")
 
     # -- ETA --------------------------------------------------------------
@@ -309,7 +323,7 @@ class BatchCollector:
             waiting = self.buffer.clear()
             held = [request for request, _, _ in self._held.values()]
             for _, entry, _ in self._held.values():
-                self.consumer.timer.cancel(entry)
+                cancel_timer_entry(self.consumer.timer, entry)
             self.budget.unhold(sum(1 for *_, widened in self._held.values() if widened))
             self._held.clear()
             # The consumer's window goes with the connection; a new one

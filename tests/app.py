@@ -372,6 +372,20 @@ def create_app(
 
     @app.task(
         base=Batches,
+        name="tests.fault_shutdown",
+        flush_every=100,
+        flush_interval=30,
+        per_request_results=True,
+        shared=False,
+    )
+    def fault_shutdown(requests: list[SimpleRequest]) -> list[Any]:
+        # Only a shutdown flushes these in a test: the green pools take a
+        # few seconds to act on a SIGTERM, longer than fault_hold's 3 s.
+        record(requests)
+        return [r.args[0] for r in requests]
+
+    @app.task(
+        base=Batches,
         name="tests.fault_late_requeue",
         flush_every=4,
         flush_interval=0.5,

@@ -374,8 +374,10 @@ WORKERS = [
     ("memory", "threads"),
     ("redis", "prefork"),
     ("redis", "solo"),
+    ("redis", "gevent"),
     ("rabbitmq", "prefork"),
     ("rabbitmq", "solo"),
+    ("rabbitmq", "eventlet"),
 ]
 
 

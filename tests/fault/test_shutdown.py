@@ -26,6 +26,8 @@ BROKERS_AND_POOLS = [
     pytest.param("redis", "prefork", id="redis-prefork"),
     pytest.param("rabbitmq", "solo", id="rabbitmq-solo"),
     pytest.param("rabbitmq", "prefork", id="rabbitmq-prefork"),
+    pytest.param("redis", "gevent", id="redis-gevent"),
+    pytest.param("rabbitmq", "eventlet", id="rabbitmq-eventlet"),
 ]
 
 
@@ -46,9 +48,9 @@ def test_warm_shutdown_runs_every_buffered_call_before_exit(
     spawn: Spawn, broker: str, pool: str
 ) -> None:
     # given a worker with 20 calls waiting in the buffer of a batch task whose
-    # size (100) and interval (3 s) are not reached before the SIGTERM
+    # size (100) and interval (30 s) are not reached before the SIGTERM
     worker = spawn(broker, pool)
-    hold = worker.app.tasks["tests.fault_hold"]
+    hold = worker.app.tasks["tests.fault_shutdown"]
     results = [hold.delay(i) for i in range(20)]
     ids = [r.id for r in results]
     wait_for(lambda: _received(worker, ids), what="20 calls received")
@@ -61,7 +63,7 @@ def test_warm_shutdown_runs_every_buffered_call_before_exit(
     # in one batch flushed for the shutdown, and its result is stored
     assert code == 0, worker.log()
     assert run_counts(worker, ids) == dict.fromkeys(ids, 1)
-    assert _shutdown_flushes(worker, "tests.fault_hold") == [20]
+    assert _shutdown_flushes(worker, "tests.fault_shutdown") == [20]
     assert states(worker, ids) == ["SUCCESS"] * 20
     assert [r.result for r in results] == list(range(20))
 
