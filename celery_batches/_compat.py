@@ -18,6 +18,7 @@ __all__ = [
     "message_options",
     "narrow_prefetch",
     "needs_revoke_check",
+    "per_consumer_qos",
     "request_context",
     "request_context_or_none",
     "survive_collected_redis_transport",
@@ -132,6 +133,35 @@ def wake_hub_with_pending_callbacks(
             waker.wake()
 
     return tick
+
+
+def per_consumer_qos(consumer: Any) -> bool:
+    """Return ``True`` if a new prefetch count will not reach the task consumer.
+
+    That is when Celery consumes from RabbitMQ with per-consumer QoS: Celery
+    5.5+ switches to it when ``worker_detect_quorum_queues`` finds a quorum
+    queue among the worker's queues (RabbitMQ refuses the channel-wide,
+    "global" QoS on quorum queues). A ``basic.qos`` sent after
+    ``basic.consume`` then only applies to consumers started later, so the
+    window of the running consumer is fixed when it starts. This repeats the
+    test ``Tasks.qos_global`` makes (Celery 5.5-5.7) without its log line;
+    Celery 5.2-5.4 know no quorum queues and always use global QoS on
+    RabbitMQ 3.3+. Transports other than AMQP apply a new count at once.
+    """
+    connection = getattr(consumer, "connection", None)
+    if connection is None or connection.transport.driver_type != "amqp":
+        return False
+    if connection.qos_semantics_matches_spec:
+        # A broker with the spec's semantics (not RabbitMQ 3.3+): Celery's
+        # non-global basic.qos is per channel there, and applies at once.
+        return False
+    app = consumer.app
+    # Unknown (None) on Celery < 5.5, which has no such setting.
+    if not app.conf.get("worker_detect_quorum_queues"):
+        return False
+    from celery.utils.quorum_queues import detect_quorum_queues
+
+    return bool(detect_quorum_queues(app, "amqp")[0])
 
 
 def cancel_timer_entry(timer: Any, entry: Any) -> None:

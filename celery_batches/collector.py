@@ -10,7 +10,12 @@ from celery.utils.log import get_logger
 from celery.worker.state import revoked as revoked_tasks
 from celery.worker.state import task_ready, task_reserved
 
-from ._compat import cancel_timer_entry, narrow_prefetch, needs_revoke_check
+from ._compat import (
+    cancel_timer_entry,
+    narrow_prefetch,
+    needs_revoke_check,
+    per_consumer_qos,
+)
 from .buffer import BatchBuffer
 from .dispatch import dispatch_batch, fail_request
 from .prefetch import PrefetchBudget
@@ -40,13 +45,49 @@ PREFETCH_COUNT_MAX = 0xFFFF
 class WorkerBatches:
     """The batch collectors of one worker consumer and their prefetch budget."""
 
-    __slots__ = ("budget", "collectors")
+    __slots__ = ("_static", "budget", "collectors", "dynamic")
 
     def __init__(self, limit: int) -> None:
         #: Collectors by task name.
         self.collectors: dict[str, BatchCollector] = {}
         #: The prefetch budget every batch task and key of the worker shares.
         self.budget = PrefetchBudget(limit)
+        #: Whether a changed prefetch count reaches the running consumer, so
+        #: the window is widened while calls wait. If not (RabbitMQ's
+        #: per-consumer QoS, used for quorum queues), it is widened once,
+        #: when the consumer starts.
+        self.dynamic = True
+        #: (Celery's own window, the window we set) for the static sizing.
+        self._static: tuple[int, int] | None = None
+
+    def prepare_window(self, consumer: Consumer) -> None:
+        """Size the window before the task consumer starts, where it must be.
+
+        Runs each time the consumer (re)starts, once per batch task, from
+        the task's strategy: Celery builds the strategies just before it
+        sends the first prefetch count and starts consuming, so a count set
+        here is the one the consumer starts with.
+        """
+        self.dynamic = not per_consumer_qos(consumer)
+        static = self._static
+        if self.dynamic and static is None:
+            return
+        current = int(consumer.initial_prefetch_count or 0)
+        # Celery resets the count on a reconnect (and autoscaling changes
+        # it); only a count we set ourselves stands for Celery's plus ours.
+        base = static[0] if static is not None and current == static[1] else current
+        if self.dynamic or not base:
+            # Widened while calls wait, or unlimited (0) anyway.
+            if static is not None and current == static[1]:
+                consumer.initial_prefetch_count = base
+            self._static = None
+            return
+        wants = [collector.widening for collector in self.collectors.values()]
+        window = base + self.budget.static_widening(
+            wants, room=PREFETCH_COUNT_MAX - base
+        )
+        consumer.initial_prefetch_count = window
+        self._static = (base, window)
 
 
 def worker_batches(consumer: Consumer, app: Celery | None = None) -> WorkerBatches:
@@ -119,7 +160,8 @@ class BatchCollector:
         self.lock = threading.RLock()
         self._timer_entry: Any = None
         self._timer_generation = 0
-        self.budget = worker_batches(consumer, task.app).budget
+        self.batches = worker_batches(consumer, task.app)
+        self.budget = self.batches.budget
         self.budget.add_task(task.name)
         processes = getattr(consumer.pool, "num_processes", None) or 1
         #: At most this many keys of the task widen the window at once: more
@@ -140,8 +182,10 @@ class BatchCollector:
         # Celery's consumer does the same for ETA tasks: the broker keeps
         # delivering while messages wait in memory instead of in the pool.
         qos = self.consumer.qos
-        if qos is None or not qos.value:
-            return  # no window yet, or an unlimited one
+        if qos is None or not qos.value or not self.batches.dynamic:
+            # No window yet, an unlimited one, or one sized when the
+            # consumer started (WorkerBatches.prepare_window).
+            return
         room = PREFETCH_COUNT_MAX - qos.value
         amount = self.budget.grant(
             self.task.name,
@@ -218,7 +262,12 @@ class BatchCollector:
             # per held call, so held calls do not stop the broker. Only
             # while the budget lasts: past it, held calls take their room
             # from the consumer's own window until they are due.
-            widened = bool(qos is not None and qos.value and self.budget.hold())
+            widened = bool(
+                qos is not None
+                and qos.value
+                and self.batches.dynamic
+                and self.budget.hold()
+            )
             if widened:
                 qos.increment_eventually()
             self._held[id(request)] = (request, entry, widened)

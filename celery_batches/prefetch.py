@@ -120,6 +120,19 @@ class PrefetchBudget:
             self._used_by_task[task] = self._used_by_task.get(task, 0) - amount
             return amount
 
+    def static_widening(self, wants: list[int], *, room: int) -> int:
+        """Return how much to widen a window fixed when its consumer starts.
+
+        For brokers that apply a prefetch count only to consumers started
+        after it (RabbitMQ's per-consumer QoS), the window is sized once:
+        each batch task gets what one key of it asks (``wants``, one entry
+        per task) up to its equal share of the limit, and the total stays
+        within ``room`` (what the window may still grow by).
+        """
+        share = self.limit // max(1, len(wants))
+        total = sum(min(max(want, 0), share) for want in wants)
+        return max(0, min(total, self.limit, room))
+
     def hold(self) -> bool:
         """Take one message for a call held until its ETA; ``False`` if spent."""
         with self._lock:

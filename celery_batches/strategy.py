@@ -112,10 +112,11 @@ def batches_strategy(
     log_received = app_trace.LOG_RECEIVED
     task_received = signals.task_received
 
-    registry = worker_batches(consumer, app).collectors
-    collector = registry.get(task.name)
+    batches = worker_batches(consumer, app)
+    collector = batches.collectors.get(task.name)
     if collector is None:
-        collector = registry[task.name] = BatchCollector(task, consumer)
+        collector = batches.collectors[task.name] = BatchCollector(task, consumer)
+    batches.prepare_window(consumer)
     task._pool = consumer.pool
     add = collector.add
     hold = collector.hold
