@@ -60,10 +60,13 @@ class SettledTags:
     a tag twice, and the ledger goes with it.
     """
 
-    __slots__ = ("_ends", "_lock", "_starts", "through", "usable")
+    __slots__ = ("_earlier_settled", "_ends", "_lock", "_starts", "through", "usable")
 
-    def __init__(self) -> None:
+    def __init__(self, *, earlier_settled: bool = False) -> None:
         self.through = 0
+        #: Whether every delivery made before the ledger saw its first one
+        #: needed no ack (see :meth:`delivered`).
+        self._earlier_settled = earlier_settled
         #: First tag of each run past ``through`` -> its last tag, and back.
         self._starts: dict[int, int] = {}
         self._ends: dict[int, int] = {}
@@ -108,6 +111,24 @@ class SettledTags:
             if len(starts) > MAX_RUNS:
                 self._give_up()
 
+    def delivered(self, tag: int, *, needs_ack: bool) -> None:
+        """Record a delivery on the channel as it arrives.
+
+        A delivery to a consumer that acks nothing (``no_ack``: Celery's
+        mingle and broadcast replies, for instance) is settled at once:
+        nobody will ack it, and it must not hold back the one-frame ack of
+        later tags for ever. The first delivery seen also tells which tags
+        the channel delivered before the ledger watched it; if those were
+        all to no-ack consumers (the ledger was told so), they are settled.
+        """
+        with self._lock:
+            if self._earlier_settled:
+                self._earlier_settled = False
+                if self.through == 0 and not self._starts and tag > 1:
+                    self.through = tag - 1
+        if not needs_ack:
+            self.settle(tag)
+
     def _give_up(self) -> None:
         self.usable = False
         self._starts = {}
@@ -142,7 +163,7 @@ class SettledTags:
 class GroupAcker:
     """Acks several messages of one channel with fewer round trips."""
 
-    __slots__ = ("call_soon", "connection_errors")
+    __slots__ = ("_lock", "_pending", "call_soon", "connection_errors")
 
     def __init__(
         self,
@@ -153,6 +174,37 @@ class GroupAcker:
         self.call_soon = call_soon
         #: What a lost connection raises: logged, not raised, as kombu does.
         self.connection_errors = connection_errors
+        #: Messages waiting for the scheduled ack, or None if none is.
+        self._pending: list[Message] | None = None
+        # Batches are accepted in pool threads with the threads pool.
+        self._lock = threading.Lock()
+
+    def submit(self, messages: list[Message]) -> None:
+        """Ack ``messages`` soon, in the consumer's thread, with any others due.
+
+        Every batch accepted before the ack runs goes in the same round trip:
+        Kombu's event loop runs its pending callbacks in no set order, so two
+        acks scheduled apart could go out newest first, and the newer batch
+        could then not be covered by one frame.
+        """
+        with self._lock:
+            pending = self._pending
+            if pending is not None:
+                pending.extend(messages)
+                return
+            self._pending = list(messages)
+        try:
+            self.call_soon(self._send_pending)
+        except BaseException:
+            with self._lock:
+                self._pending = None
+            raise
+
+    def _send_pending(self) -> None:
+        with self._lock:
+            messages, self._pending = self._pending or [], None
+        if messages:
+            self.ack(messages)
 
     @property
     def usable(self) -> bool:
@@ -290,8 +342,14 @@ def _is_redis(channel: Any) -> bool:
 
 
 def _track_settlements(channel: Any) -> SettledTags:
-    """Wrap ``channel``'s ack, reject and recover so a ledger sees each."""
-    ledger = SettledTags()
+    """Wrap ``channel``'s ack, reject, recover and deliveries so a ledger sees each."""
+    no_ack_consumers: set[str] = channel.no_ack_consumers
+    # Installed before the worker consumes tasks, after Celery's mingle
+    # step read its replies on this channel without acks. If no consumer
+    # that acks exists yet, every tag delivered so far was such a reply.
+    acking = set(channel.callbacks) - no_ack_consumers
+    ledger = SettledTags(earlier_settled=not acking)
+    _watch_deliveries(channel, ledger)
     basic_ack = channel.basic_ack
     basic_reject = channel.basic_reject
 
@@ -325,6 +383,43 @@ def _track_settlements(channel: Any) -> SettledTags:
     return ledger
 
 
+def _watch_deliveries(channel: Any, ledger: SettledTags) -> None:
+    """Tell ``ledger`` of every delivery on ``channel``, no-ack or not.
+
+    py-amqp hands each delivery to the callback its consumer registered
+    with ``basic_consume`` (``Channel.callbacks``, public); each is wrapped,
+    the ones registered later too.
+    """
+    no_ack_consumers: set[str] = channel.no_ack_consumers
+    callbacks: dict[str, Callable[[Any], Any]] = channel.callbacks
+
+    def watching(callback: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        def on_delivery(message: Any) -> Any:
+            info = message.delivery_info
+            ledger.delivered(
+                info["delivery_tag"],
+                needs_ack=info.get("consumer_tag") not in no_ack_consumers,
+            )
+            return callback(message)
+
+        return on_delivery
+
+    for consumer_tag, callback in list(callbacks.items()):
+        callbacks[consumer_tag] = watching(callback)
+    basic_consume = channel.basic_consume
+
+    def watched_consume(*args: Any, **kwargs: Any) -> Any:
+        # basic_consume(queue, consumer_tag, no_local, no_ack, exclusive,
+        # nowait, callback, ...): kombu passes the callback by keyword.
+        if kwargs.get("callback") is not None:
+            kwargs["callback"] = watching(kwargs["callback"])
+        elif len(args) > 6 and args[6] is not None:
+            args = (*args[:6], watching(args[6]), *args[7:])
+        return basic_consume(*args, **kwargs)
+
+    channel.basic_consume = watched_consume
+
+
 def _acks_plainly(request: Request) -> bool:
     # Celery 5.7 chains a prefetch restore onto the ack of a message
     # received after a reconnect; such a request keeps Celery's own ack.
@@ -356,8 +451,7 @@ def ack_together(requests: Iterable[Request]) -> None:
             group = groups[id(acker)] = (acker, [])
         group[1].append(request)
     for acker, taken in groups.values():
-        messages = [request.message for request in taken]
-        acker.call_soon(partial(acker.ack, messages))
+        acker.submit([request.message for request in taken])
         # Only once the acks are on their way: if scheduling them failed,
         # Celery's handlers still ack each request.
         for request in taken:

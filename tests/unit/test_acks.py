@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from typing import Any
+
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -158,10 +161,34 @@ def test_the_ledger_agrees_with_a_plain_set_of_settled_tags(
 
 
 class ChannelDouble:
-    """The settling methods of a py-amqp channel, recording their calls."""
+    """The settling and consuming parts of a py-amqp channel, recording calls."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, tuple[object, ...]]] = []
+        #: As py-amqp keeps them: consumer tag -> callback, and the tags of
+        #: consumers that ack nothing.
+        self.callbacks: dict[str, Any] = {}
+        self.no_ack_consumers: set[str] = set()
+
+    def basic_consume(
+        self,
+        queue: str = "",
+        consumer_tag: str = "",
+        no_ack: bool = False,
+        callback: Any = None,
+        **kwargs: Any,
+    ) -> str:
+        self.callbacks[consumer_tag] = callback
+        if no_ack:
+            self.no_ack_consumers.add(consumer_tag)
+        return consumer_tag
+
+    def deliver(self, consumer_tag: str, delivery_tag: int) -> None:
+        """Hand a message to a consumer, as py-amqp's _on_basic_deliver does."""
+        message = SimpleNamespace(
+            delivery_info={"consumer_tag": consumer_tag, "delivery_tag": delivery_tag}
+        )
+        self.callbacks[consumer_tag](message)
 
     def basic_ack(self, delivery_tag: int, multiple: bool = False) -> None:
         self.calls.append(("ack", (delivery_tag, multiple)))
@@ -196,3 +223,45 @@ def test_a_recover_on_the_channel_makes_its_ledger_unusable() -> None:
     # then the recover went out and no batch is acked in one frame any more
     assert channel.calls == [("recover", (True,))]
     assert not tags.usable
+
+
+def test_deliveries_to_a_no_ack_consumer_never_hold_back_a_multiple_ack() -> None:
+    # given a tracked channel with a consumer that acks (tasks) and one that
+    # does not (broadcast replies), their deliveries interleaved
+    channel = ChannelDouble()
+    tags = _track_settlements(channel)
+    seen: list[int] = []
+    channel.basic_consume("tasks", "t", callback=lambda m: seen.append(1))
+    channel.basic_consume("replies", "r", no_ack=True, callback=lambda m: None)
+    channel.deliver("r", 1)
+    channel.deliver("t", 2)
+    channel.deliver("r", 3)
+    channel.deliver("t", 4)
+    # then the task messages 2 and 4 may be acked in one frame: 1 and 3
+    # needed no ack and count as settled; the callbacks still ran
+    assert tags.coverable([2, 4]) == 2
+    assert seen == [1, 1]
+
+
+def test_tags_delivered_before_the_ledger_to_no_ack_consumers_are_settled() -> None:
+    # given a channel that delivered tags 1-3 to a no-ack consumer (Celery's
+    # mingle replies) before the ledger was installed, and no consumer that
+    # acks yet
+    channel = ChannelDouble()
+    tags = _track_settlements(channel)
+    channel.basic_consume("tasks", "t", callback=lambda m: None)
+    # when the task consumer's first delivery is tag 4
+    channel.deliver("t", 4)
+    channel.deliver("t", 5)
+    # then 4 and 5 may go in one frame
+    assert tags.coverable([4, 5]) == 2
+
+
+def test_earlier_tags_stay_unsettled_if_a_consumer_that_acks_existed() -> None:
+    # given a channel whose acking consumer started before the ledger
+    channel = ChannelDouble()
+    channel.basic_consume("tasks", "t", callback=lambda m: None)
+    tags = _track_settlements(channel)
+    # when its delivery 4 is seen, then 1-3 may still be unacked messages
+    channel.deliver("t", 4)
+    assert tags.coverable([4]) == 0
