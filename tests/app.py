@@ -297,6 +297,35 @@ def create_app(
 
     @app.task(
         base=Batches,
+        name="tests.timed",
+        flush_every=3,
+        flush_interval=0.3,
+        per_request_results=True,
+        shared=False,
+    )
+    def timed(requests: list[SimpleRequest]) -> list[Any]:
+        # When each call ran, to check that none ran before its ETA.
+        record(requests)
+        now = time.time()
+        for r in requests:
+            log.write("timed", r.id, now)
+        return [r.args[0] for r in requests]
+
+    @app.task(
+        base=Batches,
+        name="tests.fifty",
+        flush_every=50,
+        flush_interval=5,
+        ignore_result=True,
+        shared=False,
+    )
+    def fifty(requests: list[SimpleRequest]) -> None:
+        # A backlog task: batches that fill only if the broker delivers
+        # 50 calls while they wait unacked.
+        record(requests)
+
+    @app.task(
+        base=Batches,
         name="tests.huge",
         flush_every=50_000,
         flush_interval=5,

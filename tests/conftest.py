@@ -246,6 +246,10 @@ def thread_worker(pool: str, journal_path: str, **conf: Any) -> Iterator[Worker]
         yield Worker("memory", pool, app, Journal(journal_path), queue)
 
 
+#: Worker steps a test worker leaves out unless asked for Celery's defaults.
+QUIET_STEPS = ("--without-gossip", "--without-mingle", "--without-heartbeat")
+
+
 def start_subprocess_worker(
     broker: str,
     pool: str,
@@ -257,11 +261,14 @@ def start_subprocess_worker(
     extra_env: dict[str, str] | None = None,
     loglevel: str = "INFO",
     urls: tuple[str, str] | None = None,
+    celery_defaults: bool = False,
 ) -> Worker:
     """Start ``celery worker`` in a subprocess and wait until it is ready.
 
     ``urls`` (broker, result backend) replaces the servers of ``broker``,
-    e.g. with a broker that a fault test starts and restarts itself.
+    e.g. with a broker that a fault test starts and restarts itself. The
+    worker runs without gossip, mingle and heartbeats (which only slow a
+    test down) unless ``celery_defaults`` asks for Celery's default steps.
     """
     url, backend = urls if urls is not None else _servers_for(broker)
     queue = queue or f"q-{uuid()}"
@@ -292,9 +299,7 @@ def start_subprocess_worker(
         f"w{uuid()[:8]}@%h",
         "-Q",
         queue,
-        "--without-gossip",
-        "--without-mingle",
-        "--without-heartbeat",
+        *(() if celery_defaults else QUIET_STEPS),
         "-l",
         loglevel,
         "--logfile",
