@@ -1,6 +1,7 @@
 """The ceiling: a bare Kombu consumer that decodes and acks each message.
 
-Usage: ``python bare_consumer.py URL QUEUE COUNT JOURNAL TIMEOUT PREFETCH MAX_SECONDS``
+Usage: ``python bare_consumer.py URL QUEUE COUNT JOURNAL TIMEOUT PREFETCH MAX_SECONDS
+[QUEUE_TYPE]``
 
 Drains ``COUNT`` messages from ``QUEUE`` (or as many as it can in
 ``MAX_SECONDS`` after the first one, if not zero), acking each one, and appends a
@@ -24,10 +25,20 @@ __all__ = ["main"]
 
 
 def main(argv: list[str]) -> int:
-    url, queue_name, count_arg, journal, timeout_arg, prefetch_arg, cap_arg = argv
+    url, queue_name, count_arg, journal, timeout_arg, prefetch_arg, cap_arg = argv[:7]
     count, timeout, prefetch = int(count_arg), float(timeout_arg), int(prefetch_arg)
     cap = float(cap_arg) or float("inf")
-    queue = Queue(queue_name, Exchange(queue_name, type="direct"), queue_name)
+    # A quorum queue must be declared with the arguments it was made with;
+    # its consumer gets a per-consumer window (kombu's default), which is
+    # what a quorum queue allows.
+    queue_type = argv[7] if len(argv) > 7 else ""
+    queue = Queue(
+        queue_name,
+        Exchange(queue_name, type="direct"),
+        queue_name,
+        durable=True,
+        queue_arguments={"x-queue-type": queue_type} if queue_type else None,
+    )
     seen = 0
     first_start = first_end = last = 0.0
 

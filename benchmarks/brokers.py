@@ -17,6 +17,7 @@ from kombu.utils.uuid import uuid
 
 __all__ = [
     "BROKERS",
+    "QUEUE_TYPES",
     "delete_queue",
     "delete_results",
     "ensure_broker",
@@ -27,12 +28,17 @@ __all__ = [
 ]
 
 #: Broker name to URL; the environment variables the test suite reads win.
+#: ``rabbitmq-quorum`` is the same server, with quorum queues.
 BROKERS = {
     "rabbitmq": os.environ.get(
         "CELERY_BATCHES_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//"
     ),
     "redis": os.environ.get("CELERY_BATCHES_REDIS_URL", "redis://127.0.0.1:6379/0"),
 }
+BROKERS["rabbitmq-quorum"] = BROKERS["rabbitmq"]
+
+#: The queue type a broker name stands for, where it is not the default.
+QUEUE_TYPES = {"rabbitmq-quorum": "quorum"}
 
 
 def redis_backend_url() -> str:
@@ -104,7 +110,7 @@ def _start(name: str, url: str) -> bool:
             ],
             timeout=15,
         )
-    if name == "rabbitmq" and shutil.which("rabbitmq-server"):
+    if name.startswith("rabbitmq") and shutil.which("rabbitmq-server"):
         env = {
             **os.environ,
             # Every listener on loopback, as .ci/run does.
@@ -148,13 +154,31 @@ def ensure_broker(name: str) -> str | None:
     return f"{url}: {problem}"
 
 
-def task_queue(name: str) -> Queue:
-    """The queue (and exchange) that Celery declares for ``task_default_queue``."""
-    return Queue(name, Exchange(name, type="direct"), routing_key=name)
+def task_queue(name: str, queue_type: str | None = None) -> Queue:
+    """The queue (and exchange) that Celery declares for ``task_default_queue``.
+
+    ``queue_type="quorum"``: a quorum queue, as Celery 5.5+ declares with
+    ``task_default_queue_type = "quorum"``.
+    """
+    if queue_type is None:
+        return Queue(name, Exchange(name, type="direct"), routing_key=name)
+    return Queue(
+        name,
+        Exchange(name, type="direct"),
+        routing_key=name,
+        durable=True,
+        queue_arguments={"x-queue-type": queue_type},
+    )
 
 
 def publish(
-    url: str, queue: str, count: int, task_name: str, *, ids: list[str] | None = None
+    url: str,
+    queue: str,
+    count: int,
+    task_name: str,
+    *,
+    ids: list[str] | None = None,
+    queue_type: str | None = None,
 ) -> list[str]:
     """Publish ``count`` task messages for ``task_name``; return their ids.
 
@@ -167,7 +191,7 @@ def publish(
     app = Celery("bench-publisher", broker=url, set_as_current=False)
     as_task = app.amqp.as_task_v2
     ids = ids if ids is not None else [uuid() for _ in range(count)]
-    target = task_queue(queue)
+    target = task_queue(queue, queue_type)
     with Connection(url) as conn:
         producer = Producer(conn.default_channel)
         target(producer.channel).declare()
@@ -196,10 +220,10 @@ def _nothing() -> Iterator[None]:
     yield
 
 
-def _bound(url: str, queue: str, action: str) -> Any:
+def _bound(url: str, queue: str, action: str, queue_type: str | None = None) -> Any:
     with Connection(url, connect_timeout=5) as conn:
         channel = conn.default_channel
-        bound = task_queue(queue)(channel)
+        bound = task_queue(queue, queue_type)(channel)
         if action == "size":
             return bound.queue_declare(passive=True).message_count
         # Kombu's virtual transports (Redis) only delete bindings this
@@ -212,15 +236,15 @@ def _bound(url: str, queue: str, action: str) -> Any:
         return None
 
 
-def queue_size(url: str, queue: str) -> int:
+def queue_size(url: str, queue: str, queue_type: str | None = None) -> int:
     """Number of ready messages in ``queue``."""
-    return int(_bound(url, queue, "size"))
+    return int(_bound(url, queue, "size", queue_type))
 
 
-def delete_queue(url: str, queue: str) -> None:
+def delete_queue(url: str, queue: str, queue_type: str | None = None) -> None:
     """Delete ``queue`` (and its messages); errors are ignored."""
     with suppress(Exception):
-        _bound(url, queue, "delete")
+        _bound(url, queue, "delete", queue_type)
     if url.startswith("redis"):
         with suppress(Exception):
             _forget_unacked(url, queue)

@@ -23,7 +23,7 @@ def progress(
     queued: int | None = None,
 ) -> str:
     """One line per run, printed as the benchmark goes."""
-    what = f"[{round_}/{repeat}] {broker:<8} {setup.label}"
+    what = f"[{round_}/{repeat}] {broker:<15} {setup.label}"
     if queued:
         what += f" ({queued} queued)"
     if result.error:
@@ -64,7 +64,7 @@ def table(data: dict[str, Any]) -> str:
     """The plain-text report: throughput table, then the derived figures."""
     lines = []
     head = (
-        f"{'setup':<42} {'broker':<9} {'msg/s':>8} {'vs bare':>8} "
+        f"{'setup':<42} {'broker':<16} {'msg/s':>8} {'vs bare':>8} "
         f"{'batch':>7} {'RSS MiB':>8}"
     )
     lines += [head, "-" * len(head)]
@@ -72,7 +72,7 @@ def table(data: dict[str, Any]) -> str:
         ratio = f"{row['ratio']:.2f}" if row["ratio"] is not None else "-"
         batch = f"{row['mean_batch']:.1f}" if row["mean_batch"] is not None else "-"
         lines.append(
-            f"{row['label']:<42} {row['broker']:<9} {row['rate']:>8,.0f} "
+            f"{row['label']:<42} {row['broker']:<16} {row['rate']:>8,.0f} "
             f"{ratio:>8} {batch:>7} {row['peak_rss_mib']:>8.0f}"
         )
     for broker, info in data["brokers"].items():

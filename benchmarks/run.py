@@ -205,6 +205,7 @@ def run_once(
     stops once ``messages`` of them were processed.
     """
     url = brokers.BROKERS[broker]
+    queue_type = brokers.QUEUE_TYPES.get(broker)
     count = messages or ctx.messages
     queued = queued or count
     from kombu.utils.uuid import uuid
@@ -216,7 +217,7 @@ def run_once(
     impl_file = ctx.work_dir / f"{queue}.impl"
     ids: list[str] = []
     try:
-        ids = brokers.publish(url, queue, queued, TASK_NAME)
+        ids = brokers.publish(url, queue, queued, TASK_NAME, queue_type=queue_type)
         # Start-up takes seconds; then the run lasts max_seconds, or as long
         # as draining at a slow 250 msg/s would.
         timeout = 45 + (ctx.max_seconds or count / 250)
@@ -225,6 +226,7 @@ def run_once(
             cmd = [
                 sys.executable, "bare_consumer.py", url, queue, str(count),
                 str(journal), str(timeout), "100", str(ctx.max_seconds),
+                queue_type or "",
             ]  # fmt: skip
             return run_consumer(
                 cmd, env=_env_with_path(HERE), journal=journal, log=log,
@@ -241,6 +243,8 @@ def run_once(
             BENCH_FLUSH_EVERY="100",
             BENCH_IMPL_FILE=str(impl_file),
         )
+        if queue_type:
+            env["BENCH_QUEUE_TYPE"] = queue_type
         if setup.impl == "original":
             # What the original's README recommends: no prefetch limit.
             env["BENCH_PREFETCH"] = "0"
@@ -250,7 +254,9 @@ def run_once(
         result = run_consumer(
             _worker_cmd(setup, queue, log), env=env, journal=journal, log=log,
             expected=count, timeout=timeout, max_seconds=ctx.max_seconds,
-            wake=lambda: brokers.publish(url, queue, 1, "bench.wake-up"),
+            wake=lambda: brokers.publish(
+                url, queue, 1, "bench.wake-up", queue_type=queue_type
+            ),
         )  # fmt: skip
         if setup.impl != "plain" and result.error is None:
             imported = impl_file.read_text() if impl_file.exists() else "?"
@@ -258,7 +264,7 @@ def run_once(
                 result.error = f"worker imported celery_batches from {imported}"
         return result
     finally:
-        brokers.delete_queue(url, queue)
+        brokers.delete_queue(url, queue, queue_type)
         if setup.results and ids:
             brokers.delete_results(brokers.redis_backend_url(), ids)
 
@@ -364,7 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-n", "--messages", type=int, help="messages per run")
     parser.add_argument("--repeat", type=int, help="runs per setup (median)")
     parser.add_argument(
-        "--brokers", default="rabbitmq,redis", help="comma-separated broker names"
+        "--brokers",
+        help="comma-separated broker names (default: rabbitmq, rabbitmq-quorum "
+        "and redis; --smoke: rabbitmq and redis)",
     )
     parser.add_argument(
         "--setups", help="comma-separated setup keys (default: all, or the smoke set)"
@@ -408,7 +416,9 @@ def main(argv: list[str] | None = None) -> int:
         max_seconds = 0 if smoke else 10
     started = time.monotonic()
     budget_end = started + budget
-    names = [b.strip() for b in args.brokers.split(",") if b.strip()]
+    default_brokers = "rabbitmq,redis" if smoke else "rabbitmq,rabbitmq-quorum,redis"
+    names = [b.strip() for b in (args.brokers or default_brokers).split(",")]
+    names = [name for name in names if name]
     if args.setups:
         wanted = {s.strip() for s in args.setups.split(",")}
         setups = [s for s in SETUPS if s.key in wanted]

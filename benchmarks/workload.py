@@ -37,6 +37,10 @@ app.conf.update(
     worker_hijack_root_logger=False,
     broker_connection_retry_on_startup=True,
 )
+if _env("BENCH_QUEUE_TYPE"):
+    # Celery 5.5+: the default queue is declared as this type (quorum), and
+    # the worker detects it and uses per-consumer QoS.
+    app.conf.task_default_queue_type = _env("BENCH_QUEUE_TYPE")
 if _env("BENCH_BACKEND"):
     app.conf.result_backend = _env("BENCH_BACKEND")
     app.conf.result_expires = 600
