@@ -14,10 +14,13 @@ window stayed within its bound and went back to its floor.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
+import pytest
 from celery import Celery
-from hypothesis import given
+from celery.worker import control as worker_control
+from hypothesis import example, given
 from hypothesis import strategies as st
 from kombu.utils.uuid import uuid
 
@@ -262,4 +265,191 @@ def test_every_message_is_dispatched_rejected_or_revoked_exactly_once(
     # when any sequence of messages, revokes and timer ticks is played,
     # and the worker shuts down warm at the end
     # then every message met exactly one fate and the window is back
+    play(app, config, plan)
+
+
+# -- known defects (issue 9), one test each ---------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 9 defect 1: an unhashable batch key crashes the strategy "
+    "outside its guard",
+)
+@property_settings(max_examples=40, known_failure=True)
+@example(
+    config=Settings(2, 30.0, "tenant", 4, 1),
+    plan=[("deliver", Call("proto2", kwargs={"tenant": ["a"]}))],
+)
+@given(
+    config=settings_drawn.filter(lambda c: c.batch_key is not None).map(
+        lambda c: Settings(
+            c.flush_every,
+            c.flush_interval,
+            first_argument_as_list if c.batch_key is first_argument else "tenant",
+            c.prefetch,
+            c.processes,
+        )
+    ),
+    plan=steps(calls(tenants=json_values)),
+)
+def test_a_batch_key_of_any_json_type_batches_or_rejects_each_call(
+    app: Celery, config: Settings, plan: list[Any]
+) -> None:
+    # given a task keyed by a keyword whose values may be lists or objects,
+    # or by a callable that returns a list
+    # when calls arrive with such keys
+    # then each is batched or rejected, never an error out of the strategy
+    play(app, config, plan)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 9 defect 2: a protocol 2 body whose options part is not a "
+    "mapping passes the strategy and fails at flush",
+)
+@property_settings(max_examples=40, known_failure=True)
+@example(
+    config=Settings(1, 30.0, None, 4, 1),
+    plan=[("deliver", Call("proto2", body=[[1], {}, "x"]))],
+)
+@given(
+    config=settings_drawn,
+    plan=steps(calls(embeds=json_values.filter(lambda e: not isinstance(e, dict)))),
+)
+def test_an_options_part_of_any_json_type_is_batched_or_rejected(
+    app: Celery, config: Settings, plan: list[Any]
+) -> None:
+    # given protocol 2 bodies whose third part is any JSON value
+    # when they are delivered, flushed, revoked or expire
+    # then each is rejected or batched; nothing raises at flush
+    play(app, config, plan)
+
+
+#: ETAs near enough to come due while a test lets time pass, and past ones.
+near_etas = st.builds(
+    lambda seconds: (
+        datetime.now(timezone.utc) + timedelta(seconds=seconds)
+    ).isoformat(),
+    st.sampled_from([-60.0, 0.5, 30.0, 90.0]),
+)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 9 defect 3: two ETA calls with the same id overwrite each "
+    "other in the collector's held dict",
+)
+@property_settings(max_examples=40, known_failure=True)
+@example(
+    config=Settings(3, 30.0, None, 4, 1),
+    plan=[
+        ("deliver", Call("proto2", task_id="id-a", eta="2999-01-01T00:00:00+00:00")),
+        ("deliver", Call("proto2", task_id="id-a", eta="2999-01-02T00:00:00+00:00")),
+    ],
+)
+@given(
+    config=settings_drawn,
+    plan=st.lists(
+        st.one_of(
+            st.tuples(
+                st.just("deliver"),
+                st.builds(
+                    Call,
+                    protocol=st.sampled_from(PROTOCOLS),
+                    task_id=st.sampled_from(SHARED_IDS),
+                    eta=st.one_of(st.just(KEEP), near_etas),
+                ),
+            ),
+            st.tuples(st.just("advance"), st.sampled_from([1.0, 31.0, 120.0])),
+            st.tuples(st.just("revoke"), st.integers(0, 6)),
+        ),
+        max_size=8,
+    ),
+)
+def test_calls_sharing_an_id_each_meet_their_own_fate_with_or_without_eta(
+    app: Celery, config: Settings, plan: list[Any]
+) -> None:
+    # given calls with ETAs or countdowns that share their task id (a retry
+    # sent again while the first is still held, a producer reusing ids)
+    # when they come due and the worker shuts down
+    # then each message is batched (or revoked) on its own
+    play(app, config, plan)
+
+
+STAMPED = ["proto2", "hybrid"]
+
+
+@pytest.mark.skipif(
+    not hasattr(worker_control, "revoke_by_stamped_headers"),
+    reason="this Celery has no revoke by stamped headers (5.3+)",
+)
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 9 defect 6: revoke by stamped headers does not stop buffered calls",
+)
+@property_settings(max_examples=40, known_failure=True)
+@example(protocols=["proto2"], colours=["blue"], revoked="blue", revoke_at=1)
+@given(
+    protocols=st.lists(st.sampled_from(STAMPED), min_size=1, max_size=5),
+    colours=st.lists(st.sampled_from(["blue", "red", None]), min_size=5, max_size=5),
+    revoked=st.sampled_from(["blue", "red"]),
+    revoke_at=st.integers(0, 5),
+)
+def test_calls_revoked_by_stamped_header_are_dropped_as_revoked(
+    app: Celery,
+    protocols: list[str],
+    colours: list[str | None],
+    revoked: str,
+    revoke_at: int,
+) -> None:
+    with clean_worker_state(), backend_writes(app) as writes:
+        # given calls stamped with a colour, waiting in a buffer that does
+        # not fill before the worker stops
+        worker = FakeWorker(app)
+        task = batch_task(app, Settings(10, 30.0, None, 4, 1))
+        run = Run(app, worker, task, floor=4)
+        stamped = []
+        for index, (protocol, colour) in enumerate(zip(protocols, colours)):
+            # when one colour is revoked before or after they arrive
+            if index == revoke_at:
+                run.revoke_stamped("colour", revoked)
+            fields = {}
+            if colour is not None:
+                fields = {"stamped_headers": ["colour"], "stamps": {"colour": colour}}
+            run.deliver(Call(protocol, fields=fields))
+            stamped.append(colour)
+        if revoke_at >= len(protocols):
+            run.revoke_stamped("colour", revoked)
+        run.finish()
+        # then the calls of that colour are revoked, the others run
+        run.check_every_message_accounted(writes)
+        fates = [fate.name() for fate in run.fates()]
+        expected = ["revoked" if c == revoked else "dispatched" for c in stamped]
+        assert fates == expected
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 9 defect 9: the widened prefetch window can pass 65,535",
+)
+@property_settings(max_examples=30, known_failure=True)
+@example(flush_every=40_000, tenants=["a"], prefetch=4, processes=1)
+@given(
+    flush_every=st.integers(1, 100_000),
+    tenants=st.lists(st.sampled_from("abcdef"), min_size=1, max_size=6),
+    prefetch=st.sampled_from([1, 4, 64]),
+    processes=st.sampled_from([1, 2, 8]),
+)
+def test_the_prefetch_window_never_exceeds_what_kombu_can_send(
+    app: Celery, flush_every: int, tenants: list[str], prefetch: int, processes: int
+) -> None:
+    # given a task with any flush_every, keyed by tenant, on any worker
+    config = Settings(flush_every, 30.0, "tenant", prefetch, processes)
+    # when calls of several tenants wait, and then flush
+    plan: list[Any] = [
+        ("deliver", Call("proto2", kwargs={"tenant": tenant})) for tenant in tenants
+    ]
+    # then the window stays a count kombu sends as it is (not 0, "no
+    # limit"), within the documented bound, and comes back to its floor
     play(app, config, plan)
