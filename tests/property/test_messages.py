@@ -453,3 +453,132 @@ def test_the_prefetch_window_never_exceeds_what_kombu_can_send(
     # then the window stays a count kombu sends as it is (not 0, "no
     # limit"), within the documented bound, and comes back to its floor
     play(app, config, plan)
+
+
+# -- new findings (not in issue 9) ------------------------------------------------
+
+#: Task ids a producer may send that are no usable id: absent, empty,
+#: not a string.
+odd_ids = st.one_of(
+    st.sampled_from([MISSING, "", None, 0, 7, 1.5, True]),
+    st.lists(st.text(max_size=2), max_size=1),
+    st.dictionaries(st.text(max_size=2), st.integers(), max_size=1),
+)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="new: a message whose task id is missing (protocol 1, hybrid), "
+    "empty or not a string is accepted; storing its REVOKED/FAILURE (or "
+    "looking it up in the revoked set) raises out of the strategy",
+)
+@property_settings(max_examples=40, known_failure=True)
+@example(
+    config=Settings(2, 30.0, None, 4, 1),
+    plan=[("deliver", Call("proto2", task_id="", expires="2000-01-01T00:00:00"))],
+)
+@given(
+    config=settings_drawn,
+    plan=steps(
+        st.builds(
+            Call,
+            protocol=st.sampled_from(PROTOCOLS),
+            task_id=odd_ids,
+            eta=st.one_of(st.just(KEEP), st.just("9999-12-31T23:59:59-12:00")),
+            expires=st.one_of(st.just(KEEP), st.just("2000-01-01T00:00:00")),
+        )
+    ),
+)
+def test_a_message_without_a_usable_task_id_is_rejected_or_batched(
+    app: Celery, config: Settings, plan: list[Any]
+) -> None:
+    # given messages whose id is absent, empty, or of another JSON type
+    # when they arrive, expired, with an ETA that overflows, or revoked
+    # then each is rejected (or batched), never an error out of the strategy
+    play(app, config, plan)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="new: a stamped_headers header that is not a list of strings "
+    "makes Request.revoked() raise out of the strategy (and the flush) "
+    "when the call has an expires",
+)
+@property_settings(max_examples=40, known_failure=True)
+@example(
+    config=Settings(2, 30.0, None, 4, 1),
+    plan=[
+        (
+            "deliver",
+            Call(
+                "proto2", expires="2999-01-01T00:00:00", fields={"stamped_headers": 5}
+            ),
+        )
+    ],
+)
+@given(
+    config=settings_drawn,
+    plan=steps(
+        st.builds(
+            Call,
+            protocol=st.sampled_from(STAMPED),
+            expires=st.one_of(st.just(KEEP), st.just("2999-01-01T00:00:00")),
+            fields=st.fixed_dictionaries(
+                {"stamped_headers": json_values},
+                optional={"stamps": json_values},
+            ),
+        )
+    ),
+)
+def test_odd_stamped_headers_are_batched_or_rejected(
+    app: Celery, config: Settings, plan: list[Any]
+) -> None:
+    # given messages whose stamped_headers / stamps hold any JSON value
+    # when they arrive with or without an expiry
+    # then each is batched or rejected, never an error out of the strategy
+    play(app, config, plan)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="new: an ETA that overflows on a message whose options part has a "
+    "malformed chain or errbacks raises out of the strategy: storing its "
+    "FAILURE with the request follows chain and errbacks",
+)
+@property_settings(max_examples=40, known_failure=True)
+@example(
+    config=Settings(2, 30.0, None, 4, 1),
+    plan=[
+        (
+            "deliver",
+            Call("proto2", embed={"chain": [1]}, eta="9999-12-31T23:59:59-12:00"),
+        )
+    ],
+)
+@given(
+    config=settings_drawn,
+    plan=steps(
+        st.builds(
+            Call,
+            protocol=st.just("proto2"),
+            embed=st.fixed_dictionaries(
+                {},
+                optional={
+                    key: json_values
+                    for key in ("callbacks", "errbacks", "chain", "chord")
+                },
+            ),
+            eta=st.one_of(st.just(KEEP), st.just("9999-12-31T23:59:59-12:00")),
+            expires=st.one_of(st.just(KEEP), st.just("2000-01-01T00:00:00")),
+        )
+    ),
+)
+def test_malformed_canvas_options_are_rejected_or_batched(
+    app: Celery, config: Settings, plan: list[Any]
+) -> None:
+    # given protocol 2 messages whose callbacks, errbacks, chain or chord
+    # hold any JSON value
+    # when they arrive, expire, are revoked, or carry an ETA out of range
+    # then each is rejected, revoked or batched, never an error out of the
+    # strategy
+    play(app, config, plan)
