@@ -12,15 +12,20 @@ which state each call must end in; the batch must agree call by call.
 
 from __future__ import annotations
 
+import logging
 import pickle
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from time import monotonic
 from typing import Any
+from unittest.mock import Mock
 
+import pytest
 from celery import Celery, signals, states
-from hypothesis import given
+from celery.exceptions import Ignore, Reject
+from hypothesis import example, given
 from hypothesis import strategies as st
 from kombu.utils.uuid import uuid
 
@@ -29,7 +34,7 @@ from celery_batches.trace import run_batch
 from tests.property.conftest import clean_worker_state, property_settings
 from tests.property.messages import backend_writes
 from tests.property.values import json_scalars, json_values
-from tests.unit.conftest import recording
+from tests.unit.conftest import FakeWorker, make_message, recording
 from tests.unit.test_trace import calls as requests_of
 
 #: Exceptions a body may return as a value, or fail a request with.
@@ -345,3 +350,247 @@ def test_every_request_ends_once_in_the_state_its_own_value_gives(
     # then every request ends once, in the state the rules give it alone
     with clean_worker_state():
         check_outcomes(app, task, plan)
+
+
+# -- known defects (issue 9) ------------------------------------------------------
+
+#: Values the JSON result serializer cannot encode.
+UNENCODABLE = [{1, 2}, frozenset(), object(), 1j, bytearray(b"x")]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 9 defect 5: a per-request value the result serializer "
+    "cannot encode fails the rest of the batch",
+)
+@property_settings(max_examples=40, known_failure=True)
+@example(
+    plan=Plan(2, 0, (), "return", Returns("list", ({1, 2}, 7))),
+)
+@given(
+    plan=plans(
+        values=st.one_of(values_or_errors, st.sampled_from(UNENCODABLE)),
+        endings=st.just("return"),
+    )
+)
+def test_a_value_the_serializer_cannot_encode_fails_only_its_request(
+    app: Celery, plan: Plan
+) -> None:
+    # given a per_request_results body returning values of which some
+    # cannot be stored as JSON
+    task = batch_task(app, plan, per_request_results=True)
+    # when the batch runs
+    # then such a value fails its own request, once; every other request
+    # ends in the state of its own value
+    with clean_worker_state():
+        check_outcomes(app, task, plan)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 9 defect 7: self.retry(countdown=..., throw=False) in a "
+    "batch body re-sends nothing",
+)
+@property_settings(max_examples=25, known_failure=True)
+@example(size=2, settled=())
+@given(
+    size=st.integers(1, 4),
+    settled=st.lists(st.integers(0, 3), max_size=3).map(tuple),
+)
+def test_self_retry_without_throw_resends_every_unsettled_request(
+    app: Celery, size: int, settled: tuple[int, ...]
+) -> None:
+    # given a body that settles some requests, then asks Celery to retry
+    # without raising (Task.retry(throw=False) still re-sends the task)
+    def body(self: Any, requests: list[SimpleRequest]) -> str:
+        for index in settled:
+            if index < len(requests):
+                requests[index].mark_as_done("settled")
+        retry = self.retry(countdown=30, throw=False)
+        return repr(retry)
+
+    name = f"property.retry.{uuid()}"
+    app.task(base=Batches, name=name, shared=False, bind=True)(body)
+    task = app.tasks[name]
+    requests = requests_of(task, *range(size))
+    unsettled = [r.id for i, r in enumerate(requests) if i not in settled]
+    # when the batch runs
+    publishing = recording(signals.before_task_publish)
+    with clean_worker_state(), backend_writes(app) as writes, publishing as published:
+        run_batch(task, requests)
+    # then each unsettled request is sent again once and stored as RETRY
+    assert sorted(p["headers"]["id"] for p in published) == sorted(unsettled)
+    assert sorted(i for i, s in writes if s == states.RETRY) == sorted(unsettled)
+
+
+@dataclass
+class CallEnd:
+    """How one call ended, as a user and the broker see it."""
+
+    stored: list[str]
+    failure_signals: int
+    acks: int
+    rejects: list[Any]
+
+
+def _ends(
+    messages: list[Any],
+    writes: list[tuple[Any, str]],
+    failed: Counter[Any],
+) -> list[CallEnd]:
+    ends = []
+    for message in messages:
+        task_id = message.headers["id"]
+        ends.append(
+            CallEnd(
+                stored=[s for i, s in writes if i == task_id],
+                failure_signals=failed[task_id],
+                acks=message.ack.call_count,
+                rejects=[c.args[-1] for c in message.reject.call_args_list],
+            )
+        )
+    return ends
+
+
+def _run_pool_call(call: dict[str, Any], **target_options: Any) -> None:
+    """Do what a pool does with a job: accept it, run it, call back with the result."""
+    call["accept_callback"](1234, monotonic())
+    result = call["target"](*call["args"], **target_options)
+    call["callback"](result)
+
+
+def plain_task_ends(
+    app: Celery, raised: BaseException, acks_late: bool, size: int
+) -> list[CallEnd]:
+    """How ``size`` calls of a plain task raising ``raised`` end in Celery's worker."""
+
+    def body(*args: Any) -> None:
+        raise raised
+
+    name = f"property.plain.{uuid()}"
+    app.task(name=name, shared=False, acks_late=acks_late)(body)
+    task = app.tasks[name]
+    worker = FakeWorker(app)
+    # What Celery's default strategy reads from its consumer besides what
+    # the double already has; calls without ETA go to on_task_request.
+    worker.consumer.disable_rate_limits = True
+    worker.consumer.task_buckets = {}
+    worker.consumer.on_task_request = Mock(name="on_task_request")
+    handler = task.start_strategy(app, worker.consumer)
+    messages = [make_message(app, task.s(n)) for n in range(size)]
+    with backend_writes(app) as writes, per_request_signals() as fired:
+        for message in messages:
+            handler(message, None, message.ack, message.reject, None)
+        for (request,), _ in worker.consumer.on_task_request.call_args_list:
+            request.execute_using_pool(worker.pool)
+        for call in worker.pool.calls:
+            _run_pool_call(call, app=app)
+    failed = Counter({i: n for (kind, i), n in fired.items() if kind == "failure"})
+    return _ends(messages, writes, failed)
+
+
+def batch_task_ends(
+    app: Celery, raised: BaseException, acks_late: bool, size: int
+) -> list[CallEnd]:
+    """How ``size`` calls of a batch task whose body raises ``raised`` end."""
+
+    def body(requests: list[SimpleRequest]) -> None:
+        raise raised
+
+    name = f"property.raising.{uuid()}"
+    app.task(
+        base=Batches, name=name, shared=False, acks_late=acks_late, flush_every=size
+    )(body)
+    task = app.tasks[name]
+    worker = FakeWorker(app)
+    handler = worker.strategy(task)
+    messages = [make_message(app, task.s(n)) for n in range(size)]
+    with backend_writes(app) as writes, per_request_signals() as fired:
+        for message in messages:
+            worker.deliver(handler, message)
+        (call,) = worker.pool.calls
+        _run_pool_call(call)
+    failed = Counter({i: n for (kind, i), n in fired.items() if kind == "failure"})
+    return _ends(messages, writes, failed)
+
+
+RAISED = {
+    "Reject(requeue=False)": lambda: Reject("rejected", requeue=False),
+    "Reject(requeue=True)": lambda: Reject("rejected", requeue=True),
+    "Ignore()": lambda: Ignore(),
+}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 9 defect 8: a body raising Reject/Ignore is settled twice",
+)
+@property_settings(max_examples=20, known_failure=True)
+@example(raised="Reject(requeue=False)", acks_late=True, size=2)
+@given(
+    raised=st.sampled_from(sorted(RAISED)),
+    acks_late=st.booleans(),
+    size=st.integers(1, 3),
+)
+def test_a_body_raising_reject_or_ignore_ends_each_call_as_a_plain_task_does(
+    app: Celery, raised: str, acks_late: bool, size: int
+) -> None:
+    # given a plain task and a batch task that both raise the same
+    # Reject or Ignore, with acks_late or not
+    with clean_worker_state():
+        # when their calls run through Celery's worker code and the pool
+        plain = plain_task_ends(app, RAISED[raised](), acks_late, size)
+        batched = batch_task_ends(app, RAISED[raised](), acks_late, size)
+    # then each batched call ends as each plain call does: the same states
+    # stored (once at most), the same task_failure, the same ack or reject
+    assert batched == plain
+
+
+@contextmanager
+def errors_logged() -> Iterator[list[logging.LogRecord]]:
+    """Collect records of ERROR and above from celery_batches' loggers."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep(logging.ERROR)
+    logger = logging.getLogger("celery_batches")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 9 defect 10: a body that settles every call itself and "
+    "returns None under per_request_results logs an ERROR and reports "
+    "FAILURE to task_postrun",
+)
+@property_settings(max_examples=25, known_failure=True)
+@example(kinds=("done",))
+@given(
+    kinds=st.lists(
+        st.sampled_from(["done", "fail", "retry"]), min_size=1, max_size=4
+    ).map(tuple)
+)
+def test_a_body_that_settles_every_call_and_returns_none_is_a_success(
+    app: Celery, kinds: tuple[str, ...]
+) -> None:
+    # given a per_request_results body that settles every request itself
+    acts = tuple(
+        Act(i, kind, ERRORS[0] if kind == "fail" else i) for i, kind in enumerate(kinds)
+    )
+    plan = Plan(len(kinds), 0, acts, "return", Returns("scalar", (None,)))
+    task = batch_task(app, plan, per_request_results=True)
+    requests = requests_of(task, *range(plan.size))
+    # when it runs and returns None
+    postrunning = recording(signals.task_postrun)
+    with clean_worker_state(), errors_logged() as errors, postrunning as postrun:
+        run_batch(task, requests)
+    # then nothing is logged as an error and the batch ran successfully
+    assert [r.getMessage() for r in errors] == []
+    assert [p["state"] for p in postrun if p["sender"] is task] == [states.SUCCESS]
