@@ -24,7 +24,7 @@ from unittest.mock import Mock
 
 import pytest
 from celery import Celery, signals, states
-from celery.exceptions import Ignore, Reject
+from celery.exceptions import Ignore, MaxRetriesExceededError, Reject
 from hypothesis import example, given
 from hypothesis import strategies as st
 from kombu.utils.uuid import uuid
@@ -594,3 +594,32 @@ def test_a_body_that_settles_every_call_and_returns_none_is_a_success(
     # then nothing is logged as an error and the batch ran successfully
     assert [r.getMessage() for r in errors] == []
     assert [p["state"] for p in postrun if p["sender"] is task] == [states.SUCCESS]
+
+
+# -- new findings ---------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="new: self.retry() past max_retries fails each call with the Retry "
+    "itself instead of MaxRetriesExceededError (a plain task raises "
+    "MaxRetriesExceededError)",
+)
+@property_settings(max_examples=10, known_failure=True)
+@example(size=1, retries=1)
+@given(size=st.integers(1, 3), retries=st.integers(1, 3))
+def test_self_retry_past_max_retries_fails_with_max_retries_exceeded(
+    app: Celery, size: int, retries: int
+) -> None:
+    # given calls retried as often as the task allows
+    plan = Plan(size, retries, (), "self.retry", Returns("scalar", (None,)))
+    task = batch_task(app, plan, max_retries=1)
+    requests = requests_of(task, *range(size), retries=retries)
+    # when the body calls self.retry() once more
+    with clean_worker_state():
+        run_batch(task, requests)
+    # then each fails as a plain task would: MaxRetriesExceededError
+    for request in requests:
+        result = app.AsyncResult(request.id)
+        assert result.state == states.FAILURE
+        assert isinstance(result.result, MaxRetriesExceededError), result.result
