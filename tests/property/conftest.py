@@ -42,8 +42,9 @@ settings.register_profile(
         HealthCheck.data_too_large,
     ],
 )
-#: For hunting locally: random examples, ten times as many.
-#: ``CELERY_BATCHES_HYPOTHESIS=explore pytest tests/property``.
+#: For hunting locally: random examples, ten times as many (past the
+#: per-test timeout, hence ``--timeout=0``):
+#: ``CELERY_BATCHES_HYPOTHESIS=explore pytest tests/property --timeout=0``.
 settings.register_profile(
     "celery-batches-explore",
     parent=settings.get_profile("celery-batches-property"),

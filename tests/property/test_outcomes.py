@@ -354,8 +354,10 @@ def test_every_request_ends_once_in_the_state_its_own_value_gives(
 
 # -- known defects (issue 9) ------------------------------------------------------
 
-#: Values the JSON result serializer cannot encode.
-UNENCODABLE = [{1, 2}, frozenset(), object(), 1j, bytearray(b"x")]
+#: Values the JSON result serializer may not encode. Which ones it cannot
+#: depends on the kombu release (5.7 encodes bytes), so the model asks the
+#: backend's own serializer (``storable``).
+UNENCODABLE = [{1, 2}, frozenset(), object(), 1j, bytearray(b"x"), b"\xff"]
 
 
 @pytest.mark.xfail(
