@@ -24,13 +24,29 @@ _SIGNATURE_LISTS = ("callbacks", "errbacks", "chain")
 
 
 def check_shape(request: Request) -> None:
-    """Raise ``TypeError`` if ``request``'s body is not ``[args, kwargs, options]``.
+    """Raise ``TypeError`` if ``request`` is not shaped as a task call.
 
-    ``args`` must be a list or tuple, ``kwargs`` a mapping, and ``options``
+    The task id must be a non-empty string and ``stamped_headers`` a list
+    of strings. The body must be ``[args, kwargs, options]``: ``args`` a
+    list or tuple, ``kwargs`` a mapping, and ``options``
     (the third part of a protocol 2 body) ``None`` or a mapping whose
     ``callbacks``, ``errbacks`` and ``chain`` are lists of signatures and
     whose ``chord`` is a signature.
     """
+    task_id = request.id
+    if not isinstance(task_id, str) or not task_id:
+        # The buffer, the revoked set and the result backend all key calls
+        # by id: None, "" or a number would fail in each of them later.
+        raise TypeError(f"the task id must be a non-empty string, got {task_id!r:.80}")
+    stamped = request.request_dict.get("stamped_headers")
+    if stamped is not None and not (
+        isinstance(stamped, (list, tuple))
+        and all(isinstance(name, str) for name in stamped)
+    ):
+        # Celery's revoke check walks them, and looks each up in a dict.
+        raise TypeError(
+            f"stamped_headers must be a list of header names, got {stamped!r:.80}"
+        )
     args, kwargs = request.args, request.kwargs
     if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
         raise TypeError(

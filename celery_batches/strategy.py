@@ -61,7 +61,7 @@ def _fail_malformed(
     task: Batches, message: Message, body: Any, exc: BaseException
 ) -> InvalidTaskError:
     """Store FAILURE for a message we cannot decode, if its id is known."""
-    headers = message.headers or {}
+    headers = message.headers if isinstance(message.headers, dict) else {}
     task_id = headers.get("id")
     if task_id is None:
         # Protocol 1 keeps the id in the body.
@@ -71,9 +71,11 @@ def _fail_malformed(
     error = InvalidTaskError(
         f"Malformed message for batch task {task.name}[{task_id}]: {exc!r}"
     )
-    if task_id:
+    if isinstance(task_id, str) and task_id:
         try:
             task.backend.mark_as_failure(task_id, error, store_result=True)
+        # The result backend is the user's server: failing to store must not
+        # keep the message from being rejected.
         except Exception:
             logger.warning("Cannot store failure of %s", task_id, exc_info=True)
     return error
@@ -82,6 +84,8 @@ def _fail_malformed(
 def _payload_or_none(message: Message) -> Any:
     try:
         return message.payload
+    # Decoding runs the serializer, which may be one the user registered:
+    # a body it cannot decode has no id to store a failure under.
     except Exception:
         return None
 

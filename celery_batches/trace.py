@@ -397,9 +397,11 @@ def _call_body(
     # the worker goes on with the next batch.
     except Exception as exc:
         if isinstance(exc, Retry):
-            cause = exc.exc if exc.exc is not None else exc
+            # The reason given to self.retry(exc=...), if any: past
+            # max_retries a call fails with it, else with
+            # MaxRetriesExceededError, as Celery's Task.retry does.
             options = getattr(exc, "batch_retry_options", None)
-            retry_unsettled(task, requests, cause, options)
+            retry_unsettled(task, requests, exc.exc, options)
         elif _wants_autoretry(task, exc):
             retry_unsettled(task, requests, exc)
         else:

@@ -301,7 +301,8 @@ class Run:
                 "rejected": states.FAILURE,
                 "revoked": states.REVOKED,
             }.get(kind)
-            if state is None or not task_id:
+            if state is None or not isinstance(task_id, str) or not task_id:
+                # Nothing can be stored under an id that is no string.
                 continue
             most[(task_id, state)] += 1
             # An invalid message is stored whatever it says about results:

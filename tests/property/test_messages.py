@@ -271,12 +271,7 @@ def test_every_message_is_dispatched_rejected_or_revoked_exactly_once(
 # -- known defects (issue 9), one test each ---------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 9 defect 1: an unhashable batch key crashes the strategy "
-    "outside its guard",
-)
-@property_settings(max_examples=40, known_failure=True)
+@property_settings(max_examples=40)
 @example(
     config=Settings(2, 30.0, "tenant", 4, 1),
     plan=[("deliver", Call("proto2", kwargs={"tenant": ["a"]}))],
@@ -303,12 +298,7 @@ def test_a_batch_key_of_any_json_type_batches_or_rejects_each_call(
     play(app, config, plan)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 9 defect 2: a protocol 2 body whose options part is not a "
-    "mapping passes the strategy and fails at flush",
-)
-@property_settings(max_examples=40, known_failure=True)
+@property_settings(max_examples=40)
 @example(
     config=Settings(1, 30.0, None, 4, 1),
     plan=[("deliver", Call("proto2", body=[[1], {}, "x"]))],
@@ -335,12 +325,7 @@ near_etas = st.builds(
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 9 defect 3: two ETA calls with the same id overwrite each "
-    "other in the collector's held dict",
-)
-@property_settings(max_examples=40, known_failure=True)
+@property_settings(max_examples=40)
 @example(
     config=Settings(3, 30.0, None, 4, 1),
     plan=[
@@ -384,11 +369,7 @@ STAMPED = ["proto2", "hybrid"]
     not hasattr(worker_control, "revoke_by_stamped_headers"),
     reason="this Celery has no revoke by stamped headers (5.3+)",
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 9 defect 6: revoke by stamped headers does not stop buffered calls",
-)
-@property_settings(max_examples=40, known_failure=True)
+@property_settings(max_examples=40)
 @example(protocols=["proto2"], colours=["blue"], revoked="blue", revoke_at=1)
 @given(
     protocols=st.lists(st.sampled_from(STAMPED), min_size=1, max_size=5),
@@ -429,11 +410,7 @@ def test_calls_revoked_by_stamped_header_are_dropped_as_revoked(
         assert fates == expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 9 defect 9: the widened prefetch window can pass 65,535",
-)
-@property_settings(max_examples=30, known_failure=True)
+@property_settings(max_examples=30)
 @example(flush_every=40_000, tenants=["a"], prefetch=4, processes=1)
 @given(
     flush_every=st.integers(1, 100_000),
@@ -466,13 +443,7 @@ odd_ids = st.one_of(
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="new: a message whose task id is missing (protocol 1, hybrid), "
-    "empty or not a string is accepted; storing its REVOKED/FAILURE (or "
-    "looking it up in the revoked set) raises out of the strategy",
-)
-@property_settings(max_examples=40, known_failure=True)
+@property_settings(max_examples=40)
 @example(
     config=Settings(2, 30.0, None, 4, 1),
     plan=[("deliver", Call("proto2", task_id="", expires="2000-01-01T00:00:00"))],
@@ -498,13 +469,7 @@ def test_a_message_without_a_usable_task_id_is_rejected_or_batched(
     play(app, config, plan)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="new: a stamped_headers header that is not a list of strings "
-    "makes Request.revoked() raise out of the strategy (and the flush) "
-    "when the call has an expires",
-)
-@property_settings(max_examples=40, known_failure=True)
+@property_settings(max_examples=40)
 @example(
     config=Settings(2, 30.0, None, 4, 1),
     plan=[
@@ -539,13 +504,7 @@ def test_odd_stamped_headers_are_batched_or_rejected(
     play(app, config, plan)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="new: an ETA that overflows on a message whose options part has a "
-    "malformed chain or errbacks raises out of the strategy: storing its "
-    "FAILURE with the request follows chain and errbacks",
-)
-@property_settings(max_examples=40, known_failure=True)
+@property_settings(max_examples=40)
 @example(
     config=Settings(2, 30.0, None, 4, 1),
     plan=[

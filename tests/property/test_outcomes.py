@@ -22,7 +22,6 @@ from time import monotonic
 from typing import Any
 from unittest.mock import Mock
 
-import pytest
 from celery import Celery, signals, states
 from celery.exceptions import Ignore, MaxRetriesExceededError, Reject
 from hypothesis import example, given
@@ -360,12 +359,7 @@ def test_every_request_ends_once_in_the_state_its_own_value_gives(
 UNENCODABLE = [{1, 2}, frozenset(), object(), 1j, bytearray(b"x"), b"\xff"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 9 defect 5: a per-request value the result serializer "
-    "cannot encode fails the rest of the batch",
-)
-@property_settings(max_examples=40, known_failure=True)
+@property_settings(max_examples=40)
 @example(
     plan=Plan(2, 0, (), "return", Returns("list", ({1, 2}, 7))),
 )
@@ -388,12 +382,7 @@ def test_a_value_the_serializer_cannot_encode_fails_only_its_request(
         check_outcomes(app, task, plan)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 9 defect 7: self.retry(countdown=..., throw=False) in a "
-    "batch body re-sends nothing",
-)
-@property_settings(max_examples=25, known_failure=True)
+@property_settings(max_examples=25)
 @example(size=2, settled=())
 @given(
     size=st.integers(1, 4),
@@ -523,11 +512,7 @@ RAISED = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 9 defect 8: a body raising Reject/Ignore is settled twice",
-)
-@property_settings(max_examples=20, known_failure=True)
+@property_settings(max_examples=20)
 @example(raised="Reject(requeue=False)", acks_late=True, size=2)
 @given(
     raised=st.sampled_from(sorted(RAISED)),
@@ -566,13 +551,7 @@ def errors_logged() -> Iterator[list[logging.LogRecord]]:
         logger.removeHandler(handler)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 9 defect 10: a body that settles every call itself and "
-    "returns None under per_request_results logs an ERROR and reports "
-    "FAILURE to task_postrun",
-)
-@property_settings(max_examples=25, known_failure=True)
+@property_settings(max_examples=25)
 @example(kinds=("done",))
 @given(
     kinds=st.lists(
@@ -601,13 +580,7 @@ def test_a_body_that_settles_every_call_and_returns_none_is_a_success(
 # -- new findings ---------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="new: self.retry() past max_retries fails each call with the Retry "
-    "itself instead of MaxRetriesExceededError (a plain task raises "
-    "MaxRetriesExceededError)",
-)
-@property_settings(max_examples=10, known_failure=True)
+@property_settings(max_examples=10)
 @example(size=1, retries=1)
 @given(size=st.integers(1, 3), retries=st.integers(1, 3))
 def test_self_retry_past_max_retries_fails_with_max_retries_exceeded(
