@@ -499,6 +499,20 @@ def create_app(
 
     @app.task(
         base=Batches,
+        name="tests.attack_drain_early",
+        flush_every=3,
+        flush_interval=0.5,
+        shared=False,
+    )
+    def attack_drain_early(requests: list[SimpleRequest]) -> None:
+        # tests.attack_drain with early acks.
+        record(requests)
+        while requests:
+            request = requests.pop()
+            request.mark_as_done(request.args[0])
+
+    @app.task(
+        base=Batches,
         name="tests.attack_sorted",
         flush_every=3,
         flush_interval=2,

@@ -258,6 +258,33 @@ def test_a_body_that_pops_its_requests_still_acks_every_message(
 
 @pytest.mark.xfail(
     strict=True,
+    reason="attack: a body that empties requests (pop) leaves its early-acked "
+    "calls active for ever (inspect active, worker state: a leak)",
+)
+def test_a_body_that_pops_its_requests_leaves_no_call_active(spawn: Spawn) -> None:
+    # given an early-acked task whose body consumes its list, settling each
+    # call with request = requests.pop(); request.mark_as_done(...)
+    worker = spawn("redis", "prefork")
+    drain = worker.app.tasks["tests.attack_drain_early"]
+    ids = [drain.delay(n).id for n in range(3)]
+    # when the batch has run and every call is stored as SUCCESS
+    wait_for_states(worker, ids, ["SUCCESS"] * 3)
+    node = node_name(worker)
+
+    def active() -> list[str] | None:
+        inspect = worker.app.control.inspect(destination=[node], timeout=2)
+        replies = inspect.active()
+        if not replies:
+            return None
+        return [request["id"] for request in replies[node]]
+
+    # then the worker no longer counts them as running: its state forgets
+    # each call once its batch has ended
+    wait_for(lambda: active() == [], timeout=10, what="no active calls")
+
+
+@pytest.mark.xfail(
+    strict=True,
     reason="attack: a body that sorts requests in place gets each outcome "
     "applied to another call's message (a call lost, another run twice)",
 )
@@ -414,3 +441,40 @@ def test_an_eta_too_far_to_convert_is_rejected_without_a_signal(
     assert isinstance(AsyncResult(bad, app=worker.app).result, OverflowError)
     assert good in worker.journal.ids("received")
     assert bad not in worker.journal.ids("received")
+
+
+# -- 9. a compressed body that does not decompress --------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="attack: a message whose body does not decompress is rejected "
+    "without FAILURE stored for its id",
+)
+@pytest.mark.parametrize(
+    "compression", ["application/x-gzip", "application/x-celery-batches-unknown"]
+)
+def test_a_body_that_does_not_decompress_is_stored_as_failure(
+    spawn: Spawn, compression: str
+) -> None:
+    # given a worker, and a message whose compression header names gzip
+    # over a body that is not gzip (or a compression no one knows)
+    worker = spawn("redis", "prefork")
+    bad, good = uuid(), uuid()
+    publish_raw(
+        worker,
+        [
+            (
+                b"not compressed",
+                task_headers(worker, "tests.collect", bad, compression=compression),
+            ),
+            (body_of(1), task_headers(worker, "tests.collect", good)),
+        ],
+    )
+    # when the worker has consumed it and a good call after it
+    wait_for_states(worker, [good], ["SUCCESS"])
+    # then, as for every poison message that carries its task id, FAILURE is
+    # stored for it, and it is not on the broker any more
+    wait_for_states(worker, [bad], ["FAILURE"], timeout=5)
+    assert exit_code(worker) == 0, worker.log()
+    assert queue_depth(worker) == 0
