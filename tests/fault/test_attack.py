@@ -478,3 +478,41 @@ def test_a_body_that_does_not_decompress_is_stored_as_failure(
     wait_for_states(worker, [bad], ["FAILURE"], timeout=5)
     assert exit_code(worker) == 0, worker.log()
     assert queue_depth(worker) == 0
+
+
+# -- 10. calls held for their ETA stall the worker ------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="attack: once calls held for their ETA fill the prefetch window "
+    "(past batches_prefetch_limit) the worker receives nothing else, plain "
+    "tasks included, until they are due",
+)
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_calls_held_for_their_eta_do_not_stop_the_worker_receiving(
+    spawn: Spawn, broker: str
+) -> None:
+    # given a worker of two processes (Celery's window: 8 messages) that may
+    # not widen it for batches (batches_prefetch_limit=0, "never widen"),
+    # and 8 batch calls sent to run in an hour
+    worker = spawn(broker, "prefork", conf={"batches_prefetch_limit": 0})
+    collect = worker.app.tasks["tests.collect"]
+    held = [collect.apply_async((n,), countdown=3600).id for n in range(8)]
+    wait_for(
+        lambda: set(held) <= set(worker.journal.ids("received")),
+        what="the held calls to be received",
+    )
+    try:
+        # when a batch call and a plain task are sent for now
+        now = collect.delay(5)
+        plain = worker.app.tasks["tests.total"].delay([1, 2])
+        # then both run within seconds, as they would next to plain ETA
+        # tasks (Celery widens its window by one for each): the held calls
+        # wait in memory, not in the way of every other message
+        wait_for_states(worker, [now.id, plain.id], ["SUCCESS"] * 2, timeout=20)
+        assert [now.result, plain.result] == [5, 3]
+    finally:
+        # A warm shutdown gives the held calls back to the queue, which the
+        # fixture deletes: none is left in the shared server's unacked index.
+        exit_code(worker)
