@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from celery import Celery, signals
@@ -17,7 +18,24 @@ from celery.exceptions import Ignore, Reject
 from celery_batches import Batches, SimpleRequest
 from celery_batches.signals import batch_flushed
 
-__all__ = ["Journal", "create_app"]
+__all__ = ["Journal", "TouchyKey", "create_app"]
+
+
+class TouchyKey:
+    """A batch key that hashes alike for every value but cannot be compared.
+
+    What a key wrapping an array looks like to a dict: ``==`` raises (an
+    array's truth value is ambiguous).
+    """
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def __hash__(self) -> int:
+        return 0
+
+    def __eq__(self, other: object) -> bool:
+        raise TypeError(f"cannot compare {self.value!r} with {other!r}")
 
 
 class Journal:
@@ -504,6 +522,114 @@ def create_app(
         log.write("plain", value, os.getpid())
         wait_at_gate()
         return value
+
+    # -- the attack suite's tasks (tests/fault/test_attack.py) ------------
+
+    @app.task(
+        base=Batches,
+        name="tests.attack_drain",
+        flush_every=3,
+        flush_interval=0.5,
+        acks_late=True,
+        shared=False,
+    )
+    def attack_drain(requests: list[SimpleRequest]) -> None:
+        # Consumes the list it was given, settling each call as it goes.
+        record(requests)
+        while requests:
+            request = requests.pop()
+            request.mark_as_done(request.args[0])
+
+    @app.task(
+        base=Batches,
+        name="tests.attack_drain_early",
+        flush_every=3,
+        flush_interval=0.5,
+        shared=False,
+    )
+    def attack_drain_early(requests: list[SimpleRequest]) -> None:
+        # tests.attack_drain with early acks.
+        record(requests)
+        while requests:
+            request = requests.pop()
+            request.mark_as_done(request.args[0])
+
+    @app.task(
+        base=Batches,
+        name="tests.attack_sorted",
+        flush_every=3,
+        flush_interval=2,
+        acks_late=True,
+        per_request_results=True,
+        shared=False,
+    )
+    def attack_sorted(requests: list[SimpleRequest]) -> list[Any]:
+        # Sorts the list in place (largest first) and answers in that order;
+        # the call of 0 asks to be delivered again, once.
+        record(requests)
+        requests.sort(key=lambda r: r.args[0], reverse=True)
+        return [
+            Reject("again, please", requeue=True)
+            if r.args[0] == 0 and not r.delivery_info.get("redelivered")
+            else r.args[0]
+            for r in requests
+        ]
+
+    @app.task(
+        base=Batches,
+        name="tests.attack_retry_all",
+        bind=True,
+        flush_every=3,
+        flush_interval=2,
+        max_retries=3,
+        shared=False,
+    )
+    def attack_retry_all(self: Batches, requests: list[SimpleRequest]) -> None:
+        # Retries the whole batch on a call's first run (the documented
+        # ``raise self.retry()``), settles each call on its retry.
+        record(requests)
+        if any(r.request_dict.get("retries") in (None, 0) for r in requests):
+            raise self.retry(countdown=0.2)
+        for r in requests:
+            r.mark_as_done(r.args[0])
+
+    def touchy_key(request: SimpleRequest) -> object:
+        tenant = request.kwargs.get("tenant")
+        return TouchyKey(tenant) if request.kwargs.get("touchy") else tenant
+
+    @app.task(
+        base=Batches,
+        name="tests.attack_touchy",
+        flush_every=3,
+        flush_interval=0.5,
+        batch_key=touchy_key,
+        per_request_results=True,
+        shared=False,
+    )
+    def attack_touchy(requests: list[SimpleRequest]) -> list[Any]:
+        record(requests)
+        return [r.kwargs["tenant"] for r in requests]
+
+    @app.task(
+        base=Batches,
+        name="tests.attack_retry_odd",
+        flush_every=2,
+        flush_interval=0.5,
+        max_retries=3,
+        shared=False,
+    )
+    def attack_retry_odd(requests: list[SimpleRequest]) -> None:
+        # On a call's first run, retries it the way Celery's Task.retry
+        # accepts: a reason given as a string, or an ISO 8601 ETA string.
+        record(requests)
+        for r in requests:
+            if r.request_dict.get("retries"):
+                r.mark_as_done(r.request_dict["retries"])
+            elif r.kwargs.get("how") == "exc":
+                r.retry(countdown=0.2, exc="busy, try later")  # type: ignore[arg-type]
+            else:
+                soon = datetime.now(timezone.utc) + timedelta(seconds=0.2)
+                r.retry(eta=soon.isoformat())  # type: ignore[arg-type]
 
     # -- what the worker tells, recorded so the test process can see it ---
 
