@@ -204,6 +204,18 @@ class BatchCollector:
 
     # -- buffering --------------------------------------------------------
 
+    def probe_key(self, key: Hashable) -> None:
+        """Raise what keying a buffer by ``key`` would raise, if anything.
+
+        That is a key that cannot be hashed, or cannot be compared with a
+        waiting key that shares its hash. The strategy calls this inside its
+        guard, so that such a key fails its own message there instead of
+        the worker later.
+        """
+        with self.lock:
+            self.buffer.pending(key)
+            self.budget.granted(self.task.name, key)
+
     def add(self, request: Request, key: Hashable = None, reason: str = "size") -> None:
         """Buffer ``request`` under ``key``; flush the key's batch if it is full."""
         with self.lock:
@@ -258,15 +270,15 @@ class BatchCollector:
                 eta, self.on_eta_due, (request, key), priority=6
             )
             qos = self.consumer.qos
-            # Like Celery for its ETA tasks: one more message in the window
-            # per held call, so held calls do not stop the broker. Only
-            # while the budget lasts: past it, held calls take their room
-            # from the consumer's own window until they are due.
+            # As Celery does for its ETA tasks, and outside the batch
+            # budget: one more message in the window per held call, so held
+            # calls never stop the broker delivering others. Never past
+            # what AMQP can carry (kombu would send "unlimited").
             widened = bool(
                 qos is not None
                 and qos.value
                 and self.batches.dynamic
-                and self.budget.hold()
+                and qos.value < PREFETCH_COUNT_MAX
             )
             if widened:
                 qos.increment_eventually()
@@ -279,7 +291,6 @@ class BatchCollector:
             if held is None:
                 return  # discarded by a connection loss meanwhile
             if held[2]:
-                self.budget.unhold()
                 qos = self.consumer.qos
                 if qos is not None:
                     narrow_prefetch(qos, 1, self._floor())
@@ -373,7 +384,6 @@ class BatchCollector:
             held = [request for request, _, _ in self._held.values()]
             for _, entry, _ in self._held.values():
                 cancel_timer_entry(self.consumer.timer, entry)
-            self.budget.unhold(sum(1 for *_, widened in self._held.values() if widened))
             self._held.clear()
             # The consumer's window goes with the connection; a new one
             # starts from Celery's own prefetch count.

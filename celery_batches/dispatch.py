@@ -139,10 +139,14 @@ def inline_pool() -> BasePool:
 
 
 def _unpicklable(request: Request, simple: SimpleRequest) -> Exception | None:
+    # Plain decoded data always pickles (but for nesting deeper than the
+    # recursion limit, caught when the batch fails to pickle); only other
+    # serializers can hand the worker objects that do not.
     if request.content_type in _PLAIN_CONTENT_TYPES:
         return None
     try:
         pickle.dumps(simple, protocol=pickle.HIGHEST_PROTOCOL)
+    # Unpickling-proof objects raise whatever their __reduce__ raises.
     except Exception as exc:
         return exc
     return None
@@ -174,19 +178,55 @@ def dispatch_batch(
         if in_processes:
             error = _unpicklable(request, snapshot)
             if error is not None:
-                fail_request(
-                    task,
-                    request,
-                    InvalidTaskError(
-                        f"arguments of {request.name}[{request.id}] cannot be "
-                        f"sent to the pool: {error!r}"
-                    ),
-                )
+                _fail_unpicklable(task, request, error)
                 continue
         runnable.append(request)
         simple.append(snapshot)
     if not runnable:
         return None
+    try:
+        return _apply(task, pool, runnable, simple, in_processes, hostname)
+    except _PICKLING_ERRORS as exc:
+        if not in_processes:
+            raise
+        failure: BaseException = exc
+    # One call's arguments did not pickle after all: JSON-decoded values
+    # nested deeper than pickle's recursion limit do that. Find it, fail it
+    # alone, and send the rest (a plain task would have failed alone too).
+    keep = []
+    for request, snapshot in zip(runnable, simple):
+        error = _pickling_error(snapshot)
+        if error is None:
+            keep.append((request, snapshot))
+        else:
+            _fail_unpicklable(task, request, error)
+    if not keep:
+        return None
+    if len(keep) == len(runnable):
+        raise failure  # no one call's fault: the caller fails the batch
+    return _apply(
+        task,
+        pool,
+        [request for request, _ in keep],
+        [snapshot for _, snapshot in keep],
+        in_processes,
+        hostname,
+    )
+
+
+#: What pickling a batch for a pool process raises when one call's
+#: arguments cannot be pickled.
+_PICKLING_ERRORS = (pickle.PicklingError, RecursionError, TypeError, AttributeError)
+
+
+def _apply(
+    task: Task,
+    pool: BasePool,
+    runnable: list[Request],
+    simple: list[SimpleRequest],
+    in_processes: bool,
+    hostname: str | None,
+) -> Any:
     job = BatchJob(task.name, runnable, bool(task.acks_late))
     target = execute_batch if in_processes else _execute_in_process
     return pool.apply_async(
@@ -199,6 +239,25 @@ def dispatch_batch(
         soft_timeout=task.soft_time_limit,
         timeout=task.time_limit,
         correlation_id=runnable[0].id,
+    )
+
+
+def _pickling_error(snapshot: SimpleRequest) -> Exception | None:
+    try:
+        pickle.dumps(snapshot, protocol=pickle.HIGHEST_PROTOCOL)
+    except _PICKLING_ERRORS as exc:
+        return exc
+    return None
+
+
+def _fail_unpicklable(task: Task, request: Request, error: Exception) -> None:
+    fail_request(
+        task,
+        request,
+        InvalidTaskError(
+            f"arguments of {request.name}[{request.id}] cannot be "
+            f"sent to the pool: {error!r}"
+        ),
     )
 
 

@@ -27,13 +27,14 @@ class PrefetchBudget:
 
     Each batch task may use an equal share of ``limit`` (``limit`` divided by
     the number of batch tasks), so one task with many keys cannot keep
-    another from filling its batches. Calls held for their ETA draw one each
-    from what is left of ``limit``.
+    another from filling its batches. Calls held for their ETA are not
+    counted here: each widens the window by one, as Celery's own ETA tasks
+    do, so that they never stop the broker delivering other calls.
 
     Thread-safe: the flush timer of some pools runs in a thread of its own.
     """
 
-    __slots__ = ("_grants", "_holds", "_lock", "_tasks", "_used_by_task", "limit")
+    __slots__ = ("_grants", "_lock", "_tasks", "_used_by_task", "limit")
 
     def __init__(self, limit: int) -> None:
         if limit < 0:
@@ -43,19 +44,13 @@ class PrefetchBudget:
         self._tasks: dict[str, None] = {}
         self._grants: dict[tuple[str, Hashable], int] = {}
         self._used_by_task: dict[str, int] = {}
-        self._holds = 0
         self._lock = threading.Lock()
 
     @property
     def used(self) -> int:
-        """Messages granted right now, widenings and ETA holds together."""
+        """Messages granted right now."""
         with self._lock:
-            return sum(self._used_by_task.values()) + self._holds
-
-    @property
-    def holds(self) -> int:
-        """ETA holds that widened the window by one each."""
-        return self._holds
+            return sum(self._used_by_task.values())
 
     def share(self) -> int:
         """The most one batch task may use at once."""
@@ -95,7 +90,7 @@ class PrefetchBudget:
             used_by_task = self._used_by_task.get(task, 0)
             left = min(
                 self._share() - used_by_task,
-                self.limit - sum(self._used_by_task.values()) - self._holds,
+                self.limit - sum(self._used_by_task.values()),
             )
             amount = min(want, left)
             if amount <= 0:
@@ -132,16 +127,3 @@ class PrefetchBudget:
         share = self.limit // max(1, len(wants))
         total = sum(min(max(want, 0), share) for want in wants)
         return max(0, min(total, self.limit, room))
-
-    def hold(self) -> bool:
-        """Take one message for a call held until its ETA; ``False`` if spent."""
-        with self._lock:
-            if sum(self._used_by_task.values()) + self._holds >= self.limit:
-                return False
-            self._holds += 1
-            return True
-
-    def unhold(self, count: int = 1) -> None:
-        """Give back ``count`` ETA holds taken with :meth:`hold`."""
-        with self._lock:
-            self._holds = max(0, self._holds - count)

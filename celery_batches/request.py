@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import current_app, signals, states
 from celery.app.task import Context
-from celery.exceptions import MaxRetriesExceededError
+from celery.exceptions import InvalidTaskError, MaxRetriesExceededError
 from celery.utils.log import get_logger
 from celery.utils.time import get_exponential_backoff_interval
 
@@ -219,18 +219,21 @@ class SimpleRequest:
     def retry(
         self,
         countdown: float | None = None,
-        eta: datetime | None = None,
-        exc: BaseException | None = None,
+        eta: datetime | str | None = None,
+        exc: BaseException | str | None = None,
         max_retries: int | None = None,
     ) -> None:
         """Send this one call again, with the same task id, to run later.
 
         The message is re-published with ``retries + 1`` and batched again
         like any other. The delay is ``countdown``, else ``eta``, else the
-        task's ``retry_backoff`` schedule or ``default_retry_delay``. RETRY
-        is stored and ``task_retry`` fires. Past ``max_retries`` (this
-        argument, else the task's) the request fails with ``exc`` or
-        :exc:`~celery.exceptions.MaxRetriesExceededError` instead.
+        task's ``retry_backoff`` schedule or ``default_retry_delay``; ``eta``
+        may be a datetime or an ISO 8601 string. RETRY is stored (with
+        ``exc`` as the reason; a string is taken as its message, as Celery's
+        ``Task.retry`` takes it) and ``task_retry`` fires. Past
+        ``max_retries`` (this argument, else the task's) the request fails
+        with ``exc`` or :exc:`~celery.exceptions.MaxRetriesExceededError`
+        instead. A retry that cannot be sent fails the request.
         """
         from .trace import settle_failure
 
@@ -238,11 +241,27 @@ class SimpleRequest:
             return
         task = self.task
         ctx = self.context
-        retries = int(ctx.retries or 0)
+        # As Celery's Task.retry: a string is the reason's message, not an
+        # exception to store as it is.
+        message = exc if isinstance(exc, str) else None
+        error = None if isinstance(exc, str) else exc
+        try:
+            retries = int(ctx.retries or 0)
+        except (TypeError, ValueError):
+            settle_failure(
+                task,
+                self,
+                InvalidTaskError(
+                    f"{self.name}[{self.id}] cannot be retried: its retries "
+                    f"header is {ctx.retries!r:.40}, not a number"
+                ),
+            )
+            return
         limit = task.max_retries if max_retries is None else max_retries
         if limit is not None and retries >= limit:
-            failure = exc or MaxRetriesExceededError(
-                f"Can't retry {self.name}[{self.id}] args:{self.args} "
+            failure = error or MaxRetriesExceededError(
+                message
+                or f"Can't retry {self.name}[{self.id}] args:{self.args} "
                 f"kwargs:{self.kwargs}"
             )
             settle_failure(task, self, failure)
@@ -279,9 +298,21 @@ class SimpleRequest:
             )
             settle_failure(task, self, send_error)
             return
-        reason = exc if exc is not None else RetryRequested.after(countdown, eta)
+        if error is not None:
+            reason: BaseException = error
+        elif message is not None:
+            reason = RetryRequested(message)
+        else:
+            reason = RetryRequested.after(countdown, eta)
         if not self.ignore_result:
-            task.backend.mark_as_retry(self.id, reason, request=ctx)
+            try:
+                task.backend.mark_as_retry(self.id, reason, request=ctx)
+            # The retry is on its way already: failing to record RETRY in the
+            # user's result backend must not fail the call a second way.
+            except Exception:
+                logger.error(
+                    "Cannot store RETRY for %s[%s]", self.name, self.id, exc_info=True
+                )
         self._outcome = (states.RETRY, reason)
         if signals.task_retry.receivers:
             signals.task_retry.send(sender=task, request=ctx, reason=reason, einfo=None)
@@ -291,7 +322,12 @@ class RetryRequested(Exception):
     """The reason stored with RETRY when :meth:`SimpleRequest.retry` got none."""
 
     @classmethod
-    def after(cls, countdown: float | None, eta: datetime | None) -> RetryRequested:
+    def after(
+        cls, countdown: float | None, eta: datetime | str | None
+    ) -> RetryRequested:
         """Say when the retry runs. (One message argument keeps it picklable.)"""
-        when = f"in {countdown}s" if eta is None else f"at {eta.isoformat()}"
+        if eta is None:
+            when = f"in {countdown}s"
+        else:
+            when = f"at {eta if isinstance(eta, str) else eta.isoformat()}"
         return cls(f"Retry {when}")

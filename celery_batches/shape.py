@@ -47,6 +47,9 @@ def check_shape(request: Request) -> None:
         raise TypeError(
             f"stamped_headers must be a list of header names, got {stamped!r:.80}"
         )
+    stamps = request.request_dict.get("stamps")
+    if stamps is not None and not isinstance(stamps, dict):
+        raise TypeError(f"stamps must be a mapping, got {stamps!r:.80}")
     args, kwargs = request.args, request.kwargs
     if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
         raise TypeError(

@@ -81,6 +81,17 @@ def _fail_malformed(
     return error
 
 
+def _store_failure(task: Batches, request: Any, exc: BaseException) -> None:
+    try:
+        task.backend.mark_as_failure(
+            request.id, exc, request=request._context, store_result=request.store_errors
+        )
+    # The result backend is the user's server: failing to store must not
+    # keep the message from being rejected.
+    except Exception:
+        logger.warning("Cannot store failure of %s", request.id, exc_info=True)
+
+
 def _payload_or_none(message: Message) -> Any:
     try:
         return message.payload
@@ -125,6 +136,7 @@ def batches_strategy(
     add = collector.add
     hold = collector.hold
     key_of = collector.key_of
+    probe_key = collector.probe_key
     if "celery_batches.BatchesStep" not in consumer.blueprint.steps:
         logger.warning(STEP_MISSING, task.name)
 
@@ -187,13 +199,35 @@ def batches_strategy(
         else:
             try:
                 key = key_of(req)
-                # Buffers are keyed by it: an unhashable key (a list from
-                # the message, say) must fail here, inside the guard.
-                hash(key)
+                # Buffers are keyed by it: a key that cannot be hashed (a
+                # list from the message, say), or compared with the keys
+                # waiting already, must fail here, inside the guard.
+                probe_key(key)
             # The user's batch_key runs here: whatever it raises, or a key
             # that cannot be hashed, rejects this message only.
             except Exception as exc:
                 raise _fail_malformed(task, message, raw_body, exc) from exc
+
+        eta = req.eta
+        if eta:
+            # Before anything is announced: a call whose ETA cannot be
+            # converted is poison, which gets no signal.
+            try:
+                when = (
+                    to_timestamp(to_system_tz(eta))
+                    if req.utc
+                    else to_timestamp(eta, app.timezone)
+                )
+            except (OverflowError, ValueError) as exc:
+                logger.error(
+                    "Couldn't convert ETA %r to timestamp: %r. Task: %r",
+                    eta,
+                    exc,
+                    req.info(safe=True),
+                )
+                _store_failure(task, req, exc)
+                req.reject(requeue=False)
+                return
 
         if _does_info:
             context = {
@@ -224,26 +258,7 @@ def batches_strategy(
                 expires=req.expires and req.expires.isoformat(),
             )
 
-        eta = req.eta
         if eta:
-            try:
-                when = (
-                    to_timestamp(to_system_tz(eta))
-                    if req.utc
-                    else to_timestamp(eta, app.timezone)
-                )
-            except (OverflowError, ValueError) as exc:
-                logger.error(
-                    "Couldn't convert ETA %r to timestamp: %r. Task: %r",
-                    eta,
-                    exc,
-                    req.info(safe=True),
-                )
-                task.backend.mark_as_failure(
-                    req.id, exc, request=req._context, store_result=req.store_errors
-                )
-                req.reject(requeue=False)
-                return
             hold(req, when, key)
             return
 

@@ -355,7 +355,22 @@ def run_batch(
                 signals.task_prerun.send(
                     sender=task, task_id=batch_id, task=task, args=args, kwargs={}
                 )
-            retval, failed_exc = _call_body(task, body, requests)
+            try:
+                retval, failed_exc = _call_body(task, body, requests)
+            # Settling the batch failed in our code (or Celery's), not in the
+            # body: say so loudly, fail what is still unsettled, and hand the
+            # worker one outcome per request as usual. Escaping here would
+            # fail every call of the batch, settled or not, a second time.
+            except Exception as exc:
+                logger.critical(
+                    "celery_batches: internal error settling a batch of %d %s "
+                    "requests; the unsettled ones fail",
+                    len(requests),
+                    task.name,
+                    exc_info=True,
+                )
+                _fail_unsettled(task, requests, exc)
+                retval, failed_exc = None, exc
             runtime = time.monotonic() - start
         if signals.task_postrun.receivers:
             signals.task_postrun.send(
@@ -378,7 +393,9 @@ def _call_body(
 ) -> tuple[Any, BaseException | None]:
     """Call the batch body; settle what it leaves unsettled if it raises."""
     try:
-        retval = body(requests)
+        # A list of its own: a body may sort or empty what it is given, and
+        # the outcomes must still pair with the worker's messages in order.
+        retval = body(list(requests))
     except (Reject, Ignore) as exc:
         # As Celery's tracer does for a plain task: nothing is stored in
         # the pool; the worker rejects, requeues or acks each message.

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
 from celery import Celery
 from kombu.utils.uuid import uuid
 
@@ -29,11 +28,6 @@ def batch_task(app: Celery, **options: Any) -> Any:
     return batch
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="attack: calls held for their ETA widen the prefetch window past "
-    "65,535, which kombu sends as 0 (unlimited)",
-)
 def test_calls_held_for_their_eta_never_widen_the_window_past_what_amqp_carries(
     app: Celery,
 ) -> None:

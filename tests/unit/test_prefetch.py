@@ -21,10 +21,9 @@ class Model:
     limit: int
     tasks: list[str] = field(default_factory=list)
     grants: dict[tuple[str, object], int] = field(default_factory=dict)
-    holds: int = 0
 
     def used(self) -> int:
-        return sum(self.grants.values()) + self.holds
+        return sum(self.grants.values())
 
     def used_by(self, task: str) -> int:
         return sum(n for (name, _), n in self.grants.items() if name == task)
@@ -42,8 +41,6 @@ operations = st.lists(
         ),
         st.tuples(st.just("release"), st.sampled_from(TASKS), st.sampled_from(KEYS)),
         st.tuples(st.just("release_task"), st.sampled_from(TASKS)),
-        st.tuples(st.just("hold")),
-        st.tuples(st.just("unhold")),
     ),
     max_size=60,
 )
@@ -92,15 +89,7 @@ def test_grants_stay_within_the_limit_and_each_tasks_share(
             task = str(op[1])
             mine = [grant for grant in model.grants if grant[0] == task]
             assert budget.release_task(task) == sum(model.grants.pop(g) for g in mine)
-        elif kind == "hold":
-            took = budget.hold()
-            assert took == (model.used() < limit)
-            model.holds += took
-        else:
-            budget.unhold()
-            model.holds = max(0, model.holds - 1)
         assert budget.used == model.used() <= limit
-        assert budget.holds == model.holds
 
 
 @settings(max_examples=200, deadline=None)
@@ -134,4 +123,3 @@ def test_a_limit_of_zero_grants_nothing() -> None:
     budget = PrefetchBudget(0)
     budget.add_task("a")
     assert budget.grant("a", None, 10, max_keys=3) == 0
-    assert budget.hold() is False
