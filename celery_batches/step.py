@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from celery import bootsteps
 from celery.bootsteps import CLOSE
-from celery.exceptions import WorkerTerminate
+from celery.exceptions import InvalidTaskError, WorkerTerminate
 from celery.utils.log import get_logger
 from celery.worker import state as worker_state
 
@@ -45,6 +45,39 @@ def _connected(c: Consumer) -> bool:
         return False
 
 
+def _rejecting_poison(
+    c: Consumer, on_decode_error: Callable[[Any, BaseException], Any]
+) -> Callable[[Any, BaseException], Any]:
+    """Wrap the task consumer's decode-error handler for batch tasks' messages.
+
+    A message Kombu cannot even turn into a message (a body that does not
+    decompress, an unknown compression) never reaches a strategy: Celery
+    logs it and acks it. For a batch task's message that carries its id,
+    it gets what every other poison message gets instead: FAILURE stored,
+    and a reject without requeue (to the dead-letter exchange, if any).
+    """
+
+    def on_poison(message: Any, exc: BaseException) -> Any:
+        headers = message.headers if isinstance(message.headers, dict) else {}
+        name, task_id = headers.get("task"), headers.get("id")
+        if name not in collectors_of(c) or not isinstance(task_id, str) or not task_id:
+            return on_decode_error(message, exc)
+        error = InvalidTaskError(
+            f"Malformed message for batch task {name}[{task_id}]: {exc!r}"
+        )
+        logger.error("Received invalid task message: %s", error)
+        try:
+            c.app.tasks[name].backend.mark_as_failure(task_id, error, store_result=True)
+        # The result backend is the user's server: failing to store must
+        # not keep the message from being rejected.
+        except Exception:
+            logger.warning("Cannot store failure of %s", task_id, exc_info=True)
+        message.reject_log_error(logger, c.connection_errors)
+        return None
+
+    return on_poison
+
+
 class BatchesStep(bootsteps.StartStopStep):  # type: ignore[misc]
     """Looks after buffered requests when the consumer stops.
 
@@ -71,6 +104,9 @@ class BatchesStep(bootsteps.StartStopStep):  # type: ignore[misc]
         if task_consumer is not None:
             install_group_acks(task_consumer.channel, c)
             survive_collected_redis_transport(task_consumer.channel)
+            task_consumer.on_decode_error = _rejecting_poison(
+                c, task_consumer.on_decode_error
+            )
         hub = getattr(c, "hub", None)
         if hub is not None and self._tick is None:
             self._tick = wake_hub_with_pending_callbacks(

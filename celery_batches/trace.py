@@ -392,10 +392,12 @@ def _call_body(
     task: Task, body: Any, requests: list[SimpleRequest]
 ) -> tuple[Any, BaseException | None]:
     """Call the batch body; settle what it leaves unsettled if it raises."""
+    # A list of its own: a body may sort or empty what it is given. Its
+    # return value pairs with that list as the body left it, while the
+    # outcomes go back to the worker in the order of its messages.
+    batch = list(requests)
     try:
-        # A list of its own: a body may sort or empty what it is given, and
-        # the outcomes must still pair with the worker's messages in order.
-        retval = body(list(requests))
+        retval = body(batch)
     except (Reject, Ignore) as exc:
         # As Celery's tracer does for a plain task: nothing is stored in
         # the pool; the worker rejects, requeues or acks each message.
@@ -432,7 +434,14 @@ def _call_body(
             _fail_unsettled(task, requests, exc)
         return None, exc
     if getattr(task, "per_request_results", False):
-        error = _distribute(task, requests, retval)
+        error = _distribute(task, batch, retval)
+        if error is None:
+            taken_out = [r for r in requests if r._outcome is None]
+            if taken_out:
+                error = ResultShapeError(
+                    f"{task.name} returned no value for {len(taken_out)} "
+                    "requests it took out of its list"
+                )
         if error is not None:
             logger.error("%s", error)
             _fail_unsettled(task, requests, error)

@@ -1,9 +1,9 @@
-"""Inputs found by attacking real workers that still break a promise.
+"""Inputs found by attacking real workers, each of which broke a promise.
 
-Each test is one defect: a message, a body or a setting that crashes the
-worker, strands a call, runs it twice, loses it or mislabels it, where
-``docs/guarantees.rst`` promises otherwise. Each is marked ``xfail``
-(strict) until the package is fixed; the reason names the defect.
+Each test is one defect the attack found: a message, a body or a setting
+that crashed the worker, stranded a call, ran it twice, lost it or
+mislabelled it, where ``docs/guarantees.rst`` promises otherwise. Each
+failed before its fix.
 """
 
 from __future__ import annotations
@@ -102,9 +102,6 @@ def wait_for_states(
 # -- 1. a task id that is not a string -----------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="attack: a list or dict task id ends the worker on arrival"
-)
 @pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
 def test_a_task_id_that_cannot_be_hashed_is_rejected_as_poison(
     spawn: Spawn, broker: str
@@ -140,11 +137,6 @@ def test_a_task_id_that_cannot_be_hashed_is_rejected_as_poison(
 # -- 2. stamped_headers of the wrong shape -------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="attack: stamped_headers that is not a list of names ends the worker "
-    "at the flush once any stamp is revoked",
-)
 @pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
 def test_stamped_headers_of_the_wrong_shape_are_poison_once_a_stamp_is_revoked(
     spawn: Spawn, broker: str
@@ -187,11 +179,6 @@ def test_stamped_headers_of_the_wrong_shape_are_poison_once_a_stamp_is_revoked(
 # -- 3. deeply nested JSON arguments on the prefork pool ---------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="attack: one call with deeply nested JSON arguments fails every call "
-    "of its batch on the prefork pool (RecursionError pickling the batch)",
-)
 def test_deeply_nested_arguments_fail_at_most_their_own_call(spawn: Spawn) -> None:
     # given a prefork worker, and a batch of tests.settles_all (flush_every=3)
     # of two good calls and one whose keyword argument is a JSON list nested
@@ -232,11 +219,6 @@ def test_deeply_nested_arguments_fail_at_most_their_own_call(spawn: Spawn) -> No
 # -- 4. a body that changes the list it was given ------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="attack: a body that empties requests (pop) leaves late-acked "
-    "messages unacked: they run again on the next worker",
-)
 @pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
 def test_a_body_that_pops_its_requests_still_acks_every_message(
     spawn: Spawn, broker: str
@@ -256,11 +238,6 @@ def test_a_body_that_pops_its_requests_still_acks_every_message(
     assert queue_depth(worker) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="attack: a body that empties requests (pop) leaves its early-acked "
-    "calls active for ever (inspect active, worker state: a leak)",
-)
 def test_a_body_that_pops_its_requests_leaves_no_call_active(spawn: Spawn) -> None:
     # given an early-acked task whose body consumes its list, settling each
     # call with request = requests.pop(); request.mark_as_done(...)
@@ -283,11 +260,6 @@ def test_a_body_that_pops_its_requests_leaves_no_call_active(spawn: Spawn) -> No
     wait_for(lambda: active() == [], timeout=10, what="no active calls")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="attack: a body that sorts requests in place gets each outcome "
-    "applied to another call's message (a call lost, another run twice)",
-)
 def test_a_body_that_sorts_its_requests_settles_each_message_by_its_own_outcome(
     spawn: Spawn,
 ) -> None:
@@ -307,12 +279,6 @@ def test_a_body_that_sorts_its_requests_settles_each_message_by_its_own_outcome(
 # -- 5. a retries header that is not a number ----------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="attack: one call whose retries header is not a number makes "
-    "self.retry() fail the other calls of the batch (and FAILURE + "
-    "task_failure for calls already retried)",
-)
 def test_a_retries_header_that_is_not_a_number_fails_only_its_call(
     spawn: Spawn,
 ) -> None:
@@ -341,11 +307,6 @@ def test_a_retries_header_that_is_not_a_number_fails_only_its_call(
 # -- 6. a batch key that cannot be compared ------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="attack: a batch_key value whose __eq__ raises ends the worker on "
-    "a hash collision",
-)
 def test_a_batch_key_that_cannot_be_compared_fails_only_its_calls(
     spawn: Spawn,
 ) -> None:
@@ -379,12 +340,6 @@ def test_a_batch_key_that_cannot_be_compared_fails_only_its_calls(
 # -- 7. retry() with a reason or an ETA given as strings -----------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="attack: request.retry(exc='...') stores a RETRY that no client can "
-    "read again; request.retry(eta='<ISO 8601>') sends the retry, then fails "
-    "the call (task_failure) and the calls after it",
-)
 @pytest.mark.parametrize("how", ["exc", "eta"])
 def test_a_retry_with_string_arguments_retries_each_call_once(
     spawn: Spawn, how: str
@@ -414,11 +369,6 @@ def test_a_retry_with_string_arguments_retries_each_call_once(
 # -- 8. a poison ETA sends task_received ----------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="attack: a message whose ETA cannot be converted fires task_received "
-    "before it is rejected (the guarantees: no signal is sent)",
-)
 def test_an_eta_too_far_to_convert_is_rejected_without_a_signal(
     spawn: Spawn,
 ) -> None:
@@ -446,11 +396,6 @@ def test_an_eta_too_far_to_convert_is_rejected_without_a_signal(
 # -- 9. a compressed body that does not decompress --------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="attack: a message whose body does not decompress is rejected "
-    "without FAILURE stored for its id",
-)
 @pytest.mark.parametrize(
     "compression", ["application/x-gzip", "application/x-celery-batches-unknown"]
 )
@@ -483,12 +428,6 @@ def test_a_body_that_does_not_decompress_is_stored_as_failure(
 # -- 10. calls held for their ETA stall the worker ------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="attack: once calls held for their ETA fill the prefetch window "
-    "(past batches_prefetch_limit) the worker receives nothing else, plain "
-    "tasks included, until they are due",
-)
 @pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
 def test_calls_held_for_their_eta_do_not_stop_the_worker_receiving(
     spawn: Spawn, broker: str
