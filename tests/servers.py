@@ -23,6 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 __all__ = [
     "SERVER_START_TIMEOUT",
@@ -112,8 +114,16 @@ class RedisServer:
         return db
 
     def client(self, db: int = 0) -> redis.Redis:
+        # No retries: redis-py 6 and later retry a command whose connection
+        # failed, with backoff, by default. A SHUTDOWN (the server closes
+        # the connection) then took 4 s, and a PING while the server starts
+        # as long.
         return redis.Redis(
-            port=self.port, db=db, socket_timeout=2, socket_connect_timeout=2
+            port=self.port,
+            db=db,
+            socket_timeout=2,
+            socket_connect_timeout=2,
+            retry=Retry(NoBackoff(), 0),
         )
 
     def log_tail(self, chars: int = 2000) -> str:
