@@ -25,6 +25,7 @@ import signal
 import sys
 import tempfile
 import time
+import traceback
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -273,6 +274,31 @@ def _report_failures(soak: Soak, cells: list[Cell], directory: Path) -> None:
     _say(f"\nJournal, worker logs: {directory}")
 
 
+def _judge(soak: Soak, directory: Path) -> bool:
+    """Print the table and what failed; return ``True`` if every rule held."""
+    soak.journal.poll()
+    cells = soak.cells()
+    _say("")
+    _say(format_table(cells))
+    _say(LEGEND)
+    exits: dict[str, int] = {}
+    for end in soak.supervisor.exits:
+        exits[end.cause] = exits.get(end.cause, 0) + 1
+    hung = sum(segment.hung for segment in soak.segments)
+    causes = ", ".join(f"{n} {cause}" for cause, n in sorted(exits.items()))
+    _say(f"worker exits: {causes}; warm shutdowns that hung: {hung}")
+    undrained = [s.fault for s in soak.segments if s.drain_seconds is None]
+    passed = all(cell.ok for cell in cells) and not hung and not undrained
+    if not passed:
+        if undrained:
+            bound = f"{DRAIN_TIMEOUT:.0f} s"
+            _say(f"\nFAIL segments not drained within {bound}: {undrained}")
+        if hung:
+            _say(f"\nFAIL {hung} warm shutdowns did not end within their bound")
+        _report_failures(soak, cells, directory)
+    return passed
+
+
 def run_broker(
     name: str,
     *,
@@ -296,68 +322,56 @@ def run_broker(
     directory = Path(tempfile.mkdtemp(prefix=f"cbsoak-{name}-"))
     queue = f"soak-{uuid()}"
     passed = False
-    with ExitStack() as stack:
-        broker = start_broker(name)
-        stack.callback(broker.stop)
-        took = time.monotonic() - began
-        _say(f"[{name}] private broker at {broker.url}, started in {took:.1f} s")
-        journal_path = directory / "journal"
-        supervisor = Supervisor(
-            broker_url=broker.url,
-            backend_url=backend,
-            queue=queue,
-            transport_options=broker.worker_options,
-            journal=journal_path,
-            directory=directory,
-            remote_control=remote_control,
-        )
-        stack.callback(supervisor.kill_all)
-        soak = Soak(
-            broker,
-            supervisor,
-            JournalReader(journal_path),
-            queue,
-            backend,
-            random.Random(seed),
-            rate,
-        )
-        stack.callback(soak.forget_results)
-        supervisor.ensure_running()
-        for fault in faults:
-            segment = soak.run_segment(fault, per_segment)
-            sent = sum(map(len, segment.sent.values()))
-            unsure = sum(map(len, segment.unsure.values()))
-            drained = (
-                f"drained in {segment.drain_seconds:.1f} s"
-                if segment.drain_seconds is not None
-                else f"NOT drained within {DRAIN_TIMEOUT:.0f} s"
+    try:
+        with ExitStack() as stack:
+            broker = start_broker(name)
+            stack.callback(broker.stop)
+            took = time.monotonic() - began
+            _say(f"[{name}] private broker at {broker.url}, started in {took:.1f} s")
+            journal_path = directory / "journal"
+            supervisor = Supervisor(
+                broker_url=broker.url,
+                backend_url=backend,
+                queue=queue,
+                transport_options=broker.worker_options,
+                journal=journal_path,
+                directory=directory,
+                remote_control=remote_control,
             )
-            _say(
-                f"[{name}] {fault}: {segment.faults} faults in "
-                f"{segment.publish_seconds:.0f} s, {sent} calls sent "
-                f"({unsure} unsure, longest stall {segment.stall:.1f} s), {drained}"
+            stack.callback(supervisor.kill_all)
+            soak = Soak(
+                broker,
+                supervisor,
+                JournalReader(journal_path),
+                queue,
+                backend,
+                random.Random(seed),
+                rate,
             )
-        supervisor.stop()
-        soak.journal.poll()
-        cells = soak.cells()
-        _say("")
-        _say(format_table(cells))
-        _say(LEGEND)
-        exits: dict[str, int] = {}
-        for end in supervisor.exits:
-            exits[end.cause] = exits.get(end.cause, 0) + 1
-        hung = sum(segment.hung for segment in soak.segments)
-        causes = ", ".join(f"{n} {cause}" for cause, n in sorted(exits.items()))
-        _say(f"worker exits: {causes}; warm shutdowns that hung: {hung}")
-        undrained = [s.fault for s in soak.segments if s.drain_seconds is None]
-        passed = all(cell.ok for cell in cells) and not hung and not undrained
-        if not passed:
-            if undrained:
-                bound = f"{DRAIN_TIMEOUT:.0f} s"
-                _say(f"\nFAIL segments not drained within {bound}: {undrained}")
-            if hung:
-                _say(f"\nFAIL {hung} warm shutdowns did not end within their bound")
-            _report_failures(soak, cells, directory)
+            stack.callback(soak.forget_results)
+            supervisor.ensure_running()
+            for fault in faults:
+                segment = soak.run_segment(fault, per_segment)
+                sent = sum(map(len, segment.sent.values()))
+                unsure = sum(map(len, segment.unsure.values()))
+                drained = (
+                    f"drained in {segment.drain_seconds:.1f} s"
+                    if segment.drain_seconds is not None
+                    else f"NOT drained within {DRAIN_TIMEOUT:.0f} s"
+                )
+                _say(
+                    f"[{name}] {fault}: {segment.faults} faults in "
+                    f"{segment.publish_seconds:.0f} s, {sent} calls sent "
+                    f"({unsure} unsure, longest stall {segment.stall:.1f} s), {drained}"
+                )
+            supervisor.stop()
+            passed = _judge(soak, directory)
+    except Exception:
+        # A broker that does not start, a worker that never gets ready: this
+        # broker fails with what is known, and the next one still runs.
+        _say(f"\n{name}: ERROR\n{traceback.format_exc()}")
+        _say(f"Journal, worker logs: {directory}")
+        passed = False
     elapsed = time.monotonic() - began
     _say(f"{name}: {'PASS' if passed else 'FAIL'} in {elapsed:.0f} s (seed {seed})")
     if passed and not keep:

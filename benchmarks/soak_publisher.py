@@ -118,8 +118,8 @@ class Publisher(threading.Thread):
             if next_at > now:
                 self._stop_event.wait(next_at - now)
                 continue
-            # After a stall (broker down) the schedule restarts from now:
-            # the rate stays bounded, with no burst to catch up.
+            # After a stall (broker down) at most half a second's worth of
+            # calls is caught up on: the rate stays bounded.
             next_at = max(next_at + interval, now - 0.5)
             count = self.attempts
             self.attempts += 1
