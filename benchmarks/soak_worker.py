@@ -54,8 +54,19 @@ class Exit:
     code: int | None
     #: What ended it: ``sigkill``, ``sigterm``, ``stop`` or ``unexpected``.
     cause: str
+    #: Its log file.
+    log: Path
     #: A warm shutdown that did not end in time (then it was killed).
     hung: bool = False
+
+    def last_words(self) -> str:
+        """The last CRITICAL line of its log: why it exited, if it said."""
+        try:
+            lines = self.log.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        critical = [line for line in lines if "CRITICAL/" in line]
+        return critical[-1] if critical else ""
 
 
 @dataclass
@@ -180,7 +191,9 @@ class Supervisor:
         if self.current is incarnation:
             self.current = None
         process = incarnation.process
-        self.exits.append(Exit(process.pid, process.returncode, self._cause, hung))
+        self.exits.append(
+            Exit(process.pid, process.returncode, self._cause, incarnation.log, hung)
+        )
         self._cause = "unexpected"
 
     @staticmethod
