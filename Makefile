@@ -11,10 +11,13 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 BENCH_ARGS ?=
-# The tests have their own, laxer mypy settings (pyproject.toml); both are checked.
-MYPY_TARGETS ?= celery_batches tests
+# e.g. SOAK_ARGS="--broker redis --duration 60"; by default both brokers, 120 s each.
+SOAK_ARGS ?=
+# The tests and the soak have their own, laxer mypy settings (pyproject.toml);
+# all are checked. The other benchmarks are not, yet.
+MYPY_TARGETS ?= celery_batches tests $(wildcard benchmarks/soak*.py)
 
-.PHONY: venv test demo lint docs bench clean
+.PHONY: venv test demo lint docs bench soak clean
 
 venv: $(STAMP)
 
@@ -41,6 +44,9 @@ docs: venv
 
 bench: venv
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
+
+soak: venv
+	$(PY) benchmarks/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info docs/_build .demo \
