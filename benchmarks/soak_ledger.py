@@ -2,9 +2,12 @@
 
 The rules are those of ``docs/guarantees.rst``: late acks promise at least
 once, so a call never done fails and a call done twice is allowed; early
-acks promise at most once for a running batch, so a call done twice fails,
-a call never started fails, and a call started but never done is allowed
-only where the pool died with its batch running (``sigkill``).
+acks promise at most once for a running batch, so a call never started
+fails, a call started but never done is allowed only where the pool died
+with its batch running (``sigkill``), and a call done twice fails, except
+under a fault that can lose the batch's ack on its way out (the ack leaves
+a moment after the batch starts: ``sigkill``, ``connection-kill``,
+``broker-restart``), as for a plain Celery task with early acks.
 
 One exception, outside celery-batches: Kombu's Redis transport takes a
 message off the queue with ``BRPOP`` and records it in its unacked index
@@ -26,6 +29,10 @@ __all__ = ["Cell", "JournalReader", "format_table", "tally"]
 #: Faults that may end a running batch without it finishing: a SIGKILL of
 #: the worker and its pool. Every other fault lets a running batch finish.
 CUTS_SHORT = frozenset({"sigkill"})
+
+#: Faults that may lose an early ack between the batch's start and the
+#: broker: the broker then delivers the calls again, and they run twice.
+LOSES_ACKS = frozenset({"sigkill", "connection-kill", "broker-restart"})
 
 
 class JournalReader:
@@ -136,7 +143,7 @@ def tally(
         done = journal.dones[task_id]
         if done >= 2:
             cell.twice += 1
-            if early:
+            if early and fault not in LOSES_ACKS:
                 cell.fail("done twice or more (early acks: at most once)", task_id)
         elif done == 1:
             cell.once += 1
@@ -154,7 +161,7 @@ def tally(
                 cell.unreceived += 1
                 if not lossy_transport:
                     cell.fail("never received by a worker", task_id)
-    if early:
+    if early and fault not in LOSES_ACKS:
         for task_id in unsure:
             if journal.dones[task_id] >= 2:
                 cell.fail("unsure send done twice (early acks)", task_id)

@@ -222,12 +222,15 @@ class GroupAcker:
                     logger, self.connection_errors
                 )
 
-    def _sent(self, send: Callable[[], Any], count: int) -> bool:
+    def _sent(self, send: Callable[[], Any], count: int, channel: Any) -> bool:
         """Run ``send``, which acks ``count`` messages; return whether it did.
 
         Errors are handled as kombu's ack_log_error handles them: a lost
         connection is logged (the messages come back after the reconnect,
-        which the consumer is about to do), a broken pipe is raised too.
+        which the consumer is about to do), a broken pipe is raised too. A
+        channel that a reconnect closed meanwhile (Kombu's Redis channel
+        then fails with ``AttributeError``) is a lost connection as well:
+        raised, it would end the worker.
         """
         try:
             send()
@@ -235,6 +238,11 @@ class GroupAcker:
             self._failed(count)
             raise
         except self.connection_errors:
+            self._failed(count)
+            return False
+        except AttributeError:
+            if not _closed(channel):
+                raise
             self._failed(count)
             return False
         return True
@@ -264,6 +272,7 @@ class AMQPAcker(GroupAcker):
             if not self._sent(
                 partial(last.channel.basic_ack, last.delivery_tag, multiple=True),
                 covered,
+                last.channel,
             ):
                 return
             for message in messages[:covered]:
@@ -289,7 +298,15 @@ class RedisAcker(GroupAcker):
                     qos._remove_from_indices(message.delivery_tag, pipe)
                 pipe.execute()
 
-        if not self._sent(remove_from_unacked_index, len(messages)):
+        if not self._sent(remove_from_unacked_index, len(messages), qos.channel):
+            # The messages stay in Redis's unacked index, from where the
+            # transport restores them after its visibility_timeout. Forget
+            # them here all the same: counted as delivered they would fill
+            # the prefetch window for good, and a consumer that cannot
+            # fetch never notices its connection is gone (a batch is more
+            # messages than Celery's whole window).
+            for message in messages:
+                VirtualQoS.ack(qos, message.delivery_tag)  # type: ignore[no-untyped-call]
             return
         for message in messages:
             # What the Redis QoS.ack does after its own round trip.
@@ -456,6 +473,13 @@ def ack_together(requests: Iterable[Request]) -> None:
         # Celery's handlers still ack each request.
         for request in taken:
             request.acknowledged = True
+
+
+def _closed(channel: Any) -> bool:
+    """Return ``True`` if ``channel`` was closed (or lost its connection)."""
+    return bool(getattr(channel, "closed", False)) or (
+        getattr(channel, "connection", True) is None
+    )
 
 
 def _delivery_tag(message: Message) -> int:

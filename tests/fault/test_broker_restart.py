@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import kombu
@@ -193,3 +196,58 @@ def test_rabbitmq_restart_drops_buffered_calls_and_runs_each_once(
     _drop_and_recover(
         worker, own_rabbit.stop_app, own_rabbit.start_app, send_while_down=True
     )
+
+
+def test_a_worker_whose_batch_acks_failed_in_a_redis_restart_consumes_again(
+    spawn: Spawn, gate: Path, own_redis: RedisServer
+) -> None:
+    # given a prefork worker (-c 2, prefetch window 4 x 2 = 8) on our own
+    # Redis without remote control (so only its fetching connection can
+    # notice a lost server), running two gated batches of 4 late-acked
+    # calls: its whole window delivered and unacked, no BRPOP pending
+    gate.touch()
+    worker = spawn(
+        "redis",
+        "prefork",
+        urls=redis_urls(own_redis, own_redis.fresh_db()),
+        conf={"worker_enable_remote_control": False},
+    )
+    task = worker.app.tasks["tests.fault_late_lost"]
+    ids = [task.delay(i).id for i in range(8)]
+    wait_for(lambda: all(run_counts(worker, ids).values()), what="both batches")
+    quiet_since = [time.monotonic()]
+
+    def no_fetch_for_a_while() -> bool:
+        # kombu's last BRPOP returns empty within a second and, with the
+        # window full, is not sent again
+        clients = own_redis.client().client_list()
+        if any(c["cmd"] == "brpop" and "b" in c["flags"] for c in clients):
+            quiet_since[0] = time.monotonic()
+        return time.monotonic() - quiet_since[0] > 1.5
+
+    wait_for(no_fetch_for_a_while, what="no BRPOP pending")
+
+    # when Redis stops (its data saved) while both batches end, so that
+    # their grouped acks fail, and then starts again
+    own_redis.stop(save=True)
+    gate.unlink()
+
+    def failed_acks() -> int:
+        found = re.findall(r"Couldn't ack a batch of (\d+) messages", worker.log())
+        return sum(int(count) for count in found)
+
+    # (a batch is more messages than fit the window's free room once its
+    # ack failed: 4 of 8 here)
+    wait_for(lambda: failed_acks() >= 4, what="a batch's grouped ack to fail")
+    own_redis.start()
+
+    # then the worker fetches again: a call sent now runs (the failed acks
+    # used to leave 8 messages counted as delivered, the window full for
+    # good, and the lost connection unnoticed)
+    later = task.delay(99).id
+    wait_for(
+        lambda: run_counts(worker, [later])[later] == 1,
+        timeout=30,
+        what="the call sent after the restart to run",
+    )
+    assert worker.process is not None and worker.process.poll() is None
