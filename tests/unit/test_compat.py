@@ -1,9 +1,12 @@
-"""Version switches: the hub wake-up tick only where kombu has a waker."""
+"""The quarantine of private names: version switches, and a canary per name."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
+import celery
+import kombu
+from celery import Celery
 from kombu.asynchronous import Hub
 
 from celery_batches._compat import wake_hub_with_pending_callbacks
@@ -24,3 +27,114 @@ def test_the_tick_never_fails_on_this_kombus_hub() -> None:
             tick()  # wakes the waker if there is one; must not raise
     finally:
         hub.close()
+
+
+# -- canaries: one per private name in celery_batches._compat ---------------
+#
+# Each fails, in the tox environment of a Celery/Kombu/py-amqp/vine release
+# that changed the name, where the package would otherwise fall back quietly
+# (or fail somewhere far from the cause).
+
+CELERY = tuple(int(part) for part in celery.__version__.split(".")[:2])
+KOMBU = tuple(int(part) for part in kombu.__version__.split(".")[:2])
+
+
+def test_canary_celery_task_stack() -> None:
+    from celery._state import _task_stack
+
+    assert callable(_task_stack.push) and callable(_task_stack.pop)
+
+
+def test_canary_celery_request_payload_and_context(app: Celery) -> None:
+    # given a worker request built from Celery's own test message
+    from celery.contrib.testing.mocks import TaskMessage
+    from celery.worker.request import Request
+
+    @app.task(shared=False)
+    def add(x: int) -> int:
+        return x
+
+    message = TaskMessage(add.name, args=(1,), kwargs={})
+    request = Request(message, app=app, task=add)
+    # then the decoded body is (args, kwargs, options), and the context reads
+    args, kwargs, options = request._payload
+    assert (args, kwargs) == ([1], {}) or (args, kwargs) == ((1,), {})
+    assert options is None or isinstance(options, dict)
+    assert request._context.id == request.id
+
+
+def test_canary_celery_revoked_stamps() -> None:
+    from celery.worker import state
+
+    assert isinstance(getattr(state, "revoked_stamps", None), dict) == (
+        CELERY >= (5, 3)
+    )
+
+
+def test_canary_celery_quorum_detection() -> None:
+    # what per_consumer_qos repeats of Tasks.qos_global
+    from celery.worker.consumer.tasks import Tasks
+
+    assert hasattr(Tasks, "qos_global") == (CELERY >= (5, 5))
+    if CELERY >= (5, 5):
+        from celery.utils.quorum_queues import detect_quorum_queues
+
+        assert callable(detect_quorum_queues)
+
+
+def test_canary_vine_promise_pending_callbacks() -> None:
+    from vine import promise
+
+    p = promise(lambda: None)
+    assert p._svpending is None and not p._lvpending
+    p.then(lambda *a: None)
+    assert p._svpending is not None or p._lvpending
+
+
+def test_canary_kombu_qos_mutex() -> None:
+    from kombu.common import QoS
+
+    assert hasattr(QoS(lambda **kw: None, 4), "_mutex")
+
+
+def test_canary_kombu_hub_ready_and_waker() -> None:
+    hub = Hub()
+    try:
+        assert hasattr(hub, "_ready") and hasattr(hub, "_pop_ready")
+        assert hasattr(hub, "_waker") == (KOMBU >= (5, 7))
+    finally:
+        hub.close()
+
+
+def test_canary_kombu_redis_qos_bookkeeping() -> None:
+    from kombu.transport.redis import QoS as RedisQoS
+    from kombu.transport.virtual.base import QoS as VirtualQoS
+
+    for name in ("_remove_from_indices", "pipe_or_acquire", "restore_unacked"):
+        assert callable(getattr(RedisQoS, name)), name
+    assert callable(VirtualQoS.ack)
+
+
+def test_canary_celery_green_timers_keep_their_entry() -> None:
+    # cancel_timer_entry reads the greenlet's `entry` (gevent and eventlet)
+    import inspect
+
+    from celery.concurrency import eventlet, gevent
+
+    for module in (gevent, eventlet):
+        source = inspect.getsource(module.Timer._enter)
+        assert "g.entry = entry" in source, module.__name__
+
+
+def test_canary_py_amqp_channel_consumers() -> None:
+    from amqp.channel import Channel
+
+    source = inspect_source(Channel.basic_consume)
+    assert "self.callbacks[consumer_tag]" in source
+    assert "no_ack_consumers" in source
+
+
+def inspect_source(function: object) -> str:
+    import inspect
+
+    return inspect.getsource(function)  # type: ignore[arg-type]

@@ -1,26 +1,21 @@
-"""Every switch on the Celery version, in one place."""
+"""Kombu's (and py-amqp's) private names the package relies on.
+
+As :mod:`celery_batches._compat.celery`, for the broker side. See the table
+in :mod:`celery_batches._compat`.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
-from celery._state import _task_stack
 from celery.utils.log import get_logger
-from celery.worker import state as worker_state
-
-if TYPE_CHECKING:
-    from celery.app.task import Context
-    from celery.worker.request import Request
 
 __all__ = [
     "cancel_timer_entry",
-    "current_task_stack",
-    "message_options",
     "narrow_prefetch",
-    "needs_revoke_check",
-    "per_consumer_qos",
-    "request_context",
-    "request_context_or_none",
+    "redis_forget_delivered",
+    "redis_group_ackable",
+    "redis_remove_from_unacked",
     "survive_collected_redis_transport",
     "wake_hub_with_pending_callbacks",
 ]
@@ -32,71 +27,6 @@ UNRESTORED = (
     "transport's unacked index and are delivered again after the "
     "visibility_timeout"
 )
-
-
-def request_context(request: Request) -> dict[str, Any]:
-    """Return the request dict with callbacks, errbacks, chain and chord.
-
-    The message's embedded options ride in the decoded body; Celery's own
-    ``execute_using_pool`` folds them into the request dict the same way.
-    ``Request._payload`` is private but present from 5.2 to 5.7; this runs
-    once per message, and building Celery's ``Request._context`` instead
-    would cost a throw-away ``Context`` each time.
-    """
-    request_dict: dict[str, Any] = request.request_dict
-    options = message_options(request)
-    if options:
-        request_dict.update(options)
-    return request_dict
-
-
-def message_options(request: Request) -> Any:
-    """Return the options part of ``request``'s body (callbacks, chain, ...).
-
-    ``Request._payload`` is private but present from 5.2 to 5.7 (the
-    decoded ``(args, kwargs, options)``); it is read once per message.
-    """
-    return request._payload[2]
-
-
-def request_context_or_none(request: Request) -> Context | None:
-    """Return Celery's ``Request._context`` of ``request``, or ``None``.
-
-    ``None`` when the message's options part cannot be read (a poison
-    message being failed): the failure is then stored without the
-    request's extra fields, but stored.
-    """
-    try:
-        context: Context = request._context
-        return context
-    except (TypeError, ValueError, AttributeError):
-        return None
-
-
-#: Stamps revoked with ``revoke_by_stamped_headers`` (Celery 5.3+; Celery 5.2
-#: has no such revoke, so an empty mapping stands in for it).
-_revoked_stamps: dict[str, Any] = getattr(worker_state, "revoked_stamps", {})
-
-
-def needs_revoke_check() -> bool:
-    """Return ``True`` if some stamp is revoked, so each request must be asked.
-
-    Celery's strategy asks ``Request.revoked()`` only for a request with
-    ``expires`` or a revoked id, since a revoke by stamped header needs a
-    look at every request's stamps. A waiting batch call gets that look
-    when it is flushed, as a plain task gets it before it runs, but only
-    while a stamp is revoked: the common case stays one dict lookup.
-    """
-    return bool(_revoked_stamps)
-
-
-def current_task_stack() -> tuple[Callable[[Any], None], Callable[[], Any]]:
-    """Return ``push`` and ``pop`` of the stack behind ``current_task``.
-
-    ``celery._state._task_stack`` is private but unchanged from 5.2 to 5.7;
-    Celery's tracer pushes the running task onto it, and so do we.
-    """
-    return _task_stack.push, _task_stack.pop
 
 
 def wake_hub_with_pending_callbacks(
@@ -133,35 +63,6 @@ def wake_hub_with_pending_callbacks(
             waker.wake()
 
     return tick
-
-
-def per_consumer_qos(consumer: Any) -> bool:
-    """Return ``True`` if a new prefetch count will not reach the task consumer.
-
-    That is when Celery consumes from RabbitMQ with per-consumer QoS: Celery
-    5.5+ switches to it when ``worker_detect_quorum_queues`` finds a quorum
-    queue among the worker's queues (RabbitMQ refuses the channel-wide,
-    "global" QoS on quorum queues). A ``basic.qos`` sent after
-    ``basic.consume`` then only applies to consumers started later, so the
-    window of the running consumer is fixed when it starts. This repeats the
-    test ``Tasks.qos_global`` makes (Celery 5.5-5.7) without its log line;
-    Celery 5.2-5.4 know no quorum queues and always use global QoS on
-    RabbitMQ 3.3+. Transports other than AMQP apply a new count at once.
-    """
-    connection = getattr(consumer, "connection", None)
-    if connection is None or connection.transport.driver_type != "amqp":
-        return False
-    if connection.qos_semantics_matches_spec:
-        # A broker with the spec's semantics (not RabbitMQ 3.3+): Celery's
-        # non-global basic.qos is per channel there, and applies at once.
-        return False
-    app = consumer.app
-    # Unknown (None) on Celery < 5.5, which has no such setting.
-    if not app.conf.get("worker_detect_quorum_queues"):
-        return False
-    from celery.utils.quorum_queues import detect_quorum_queues
-
-    return bool(detect_quorum_queues(app, "amqp")[0])
 
 
 def cancel_timer_entry(timer: Any, entry: Any) -> None:
@@ -240,3 +141,38 @@ def survive_collected_redis_transport(channel: Any) -> None:
             return None
 
     qos.restore_unacked = restore_unacked
+
+
+def redis_group_ackable(channel: Any) -> bool:
+    """Return ``True`` if ``channel``'s unacked bookkeeping can be pipelined.
+
+    Kombu's Redis ``QoS`` has had ``_remove_from_indices`` (private) and
+    ``pipe_or_acquire`` since 4.x (checked on 5.2-5.7). Fails safe: without
+    them, a batch keeps Celery's own acks.
+    """
+    qos = channel.qos
+    return hasattr(qos, "_remove_from_indices") and hasattr(qos, "pipe_or_acquire")
+
+
+def redis_remove_from_unacked(qos: Any, delivery_tags: list[Any]) -> None:
+    """Remove ``delivery_tags`` from the transport's unacked index in one pipeline.
+
+    What Kombu's Redis ``QoS.ack`` sends for one message, for many: one
+    round trip instead of one each.
+    """
+    with qos.pipe_or_acquire() as pipe:
+        for tag in delivery_tags:
+            qos._remove_from_indices(tag, pipe)
+        pipe.execute()
+
+
+def redis_forget_delivered(qos: Any, delivery_tag: Any) -> None:
+    """Forget ``delivery_tag`` on the channel, as Kombu's ack does after its round trip.
+
+    The virtual transport's ``QoS.ack`` (public on the base class) drops the
+    message from the channel's count of delivered messages, which the
+    prefetch window is measured against.
+    """
+    from kombu.transport.virtual.base import QoS as VirtualQoS
+
+    VirtualQoS.ack(qos, delivery_tag)  # type: ignore[no-untyped-call]
