@@ -38,6 +38,7 @@ lint: venv
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy $(MYPY_TARGETS)
+	$(VENV)/bin/lint-imports
 
 docs: venv
 	$(VENV)/bin/sphinx-build -W -b html docs docs/_build/html

@@ -28,12 +28,26 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from celery.utils.log import get_logger
 
+from ._compat import (
+    acks_plainly,
+    redis_forget_delivered,
+    redis_group_ackable,
+    redis_remove_from_unacked,
+)
+
 if TYPE_CHECKING:
     from celery.worker.consumer import Consumer
     from celery.worker.request import Request
     from kombu.message import Message
 
-__all__ = ["GroupAcker", "SettledTags", "ack_together", "install_group_acks"]
+__all__ = [
+    "AMQPAcker",
+    "GroupAcker",
+    "RedisAcker",
+    "SettledTags",
+    "ack_together",
+    "install_group_acks",
+]
 
 logger = get_logger(__name__)
 
@@ -275,8 +289,6 @@ class AMQPAcker(GroupAcker):
                 last.channel,
             ):
                 return
-            for message in messages[:covered]:
-                message._state = "ACK"
         else:
             covered = 0
         self._ack_each(messages[covered:])
@@ -288,30 +300,23 @@ class RedisAcker(GroupAcker):
     __slots__ = ()
 
     def ack(self, messages: list[Message]) -> None:
-        from kombu.transport.virtual.base import QoS as VirtualQoS
-
         qos = messages[0].channel.qos
-
-        def remove_from_unacked_index() -> None:
-            with qos.pipe_or_acquire() as pipe:
-                for message in messages:
-                    qos._remove_from_indices(message.delivery_tag, pipe)
-                pipe.execute()
-
-        if not self._sent(remove_from_unacked_index, len(messages), qos.channel):
+        tags = [message.delivery_tag for message in messages]
+        if not self._sent(
+            partial(redis_remove_from_unacked, qos, tags), len(tags), qos.channel
+        ):
             # The messages stay in Redis's unacked index, from where the
             # transport restores them after its visibility_timeout. Forget
             # them here all the same: counted as delivered they would fill
             # the prefetch window for good, and a consumer that cannot
             # fetch never notices its connection is gone (a batch is more
             # messages than Celery's whole window).
-            for message in messages:
-                VirtualQoS.ack(qos, message.delivery_tag)  # type: ignore[no-untyped-call]
+            for tag in tags:
+                redis_forget_delivered(qos, tag)
             return
-        for message in messages:
+        for tag in tags:
             # What the Redis QoS.ack does after its own round trip.
-            VirtualQoS.ack(qos, message.delivery_tag)  # type: ignore[no-untyped-call]
-            message._state = "ACK"
+            redis_forget_delivered(qos, tag)
 
 
 def install_group_acks(channel: Any, consumer: Consumer) -> GroupAcker | None:
@@ -351,11 +356,7 @@ def _is_redis(channel: Any) -> bool:
         from kombu.transport.redis import Channel
     except ImportError:  # pragma: no cover
         return False
-    if not isinstance(channel, Channel):
-        return False
-    # Kombu's Redis QoS has had both since 4.x; check rather than trust.
-    qos = channel.qos
-    return hasattr(qos, "_remove_from_indices") and hasattr(qos, "pipe_or_acquire")
+    return isinstance(channel, Channel) and redis_group_ackable(channel)
 
 
 def _track_settlements(channel: Any) -> SettledTags:
@@ -437,16 +438,6 @@ def _watch_deliveries(channel: Any, ledger: SettledTags) -> None:
     channel.basic_consume = watched_consume
 
 
-def _acks_plainly(request: Request) -> bool:
-    # Celery 5.7 chains a prefetch restore onto the ack of a message
-    # received after a reconnect; such a request keeps Celery's own ack.
-    on_ack = request._on_ack
-    try:
-        return on_ack._svpending is None and not on_ack._lvpending
-    except AttributeError:
-        return False
-
-
 def ack_together(requests: Iterable[Request]) -> None:
     """Acknowledge ``requests`` with as few round trips as is safe.
 
@@ -461,7 +452,7 @@ def ack_together(requests: Iterable[Request]) -> None:
             continue
         channel = request.message.channel
         acker: GroupAcker | None = getattr(channel, ACKER_ATTRIBUTE, None)
-        if acker is None or not acker.usable or not _acks_plainly(request):
+        if acker is None or not acker.usable or not acks_plainly(request):
             continue
         group = groups.get(id(acker))
         if group is None:

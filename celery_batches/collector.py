@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Hashable
+from time import monotonic
 from typing import TYPE_CHECKING, Any, Callable
+from weakref import WeakKeyDictionary
 
 from celery.utils.log import get_logger
 from celery.worker.state import revoked as revoked_tasks
@@ -17,7 +19,8 @@ from ._compat import (
     per_consumer_qos,
 )
 from .buffer import BatchBuffer
-from .dispatch import dispatch_batch, fail_request
+from .dispatch import fail_request, flushing_into, snapshot_of
+from .policy import FlushPolicy, HeldCalls
 from .prefetch import PrefetchBudget
 from .request import SimpleRequest
 from .settings import batch_key_of, prefetch_limit
@@ -29,13 +32,11 @@ if TYPE_CHECKING:
     from celery.worker.consumer import Consumer
     from celery.worker.request import Request
 
-    from .task import Batches
+    from .types import BatchTask, KeyFunction
 
 __all__ = ["BatchCollector", "WorkerBatches", "collectors_of", "worker_batches"]
 
 logger = get_logger(__name__)
-
-KeyFunction = Callable[["Request"], Hashable]
 
 #: The largest prefetch count AMQP can carry; kombu sends a larger one as 0,
 #: which means *unlimited*, so no widening may take the window past it.
@@ -90,17 +91,21 @@ class WorkerBatches:
         self._static = (base, window)
 
 
+#: The batch collectors of each consumer: kept beside the consumer, not on it,
+#: and gone with it.
+_worker_batches: WeakKeyDictionary[Consumer, WorkerBatches] = WeakKeyDictionary()
+
+
 def worker_batches(consumer: Consumer, app: Celery | None = None) -> WorkerBatches:
     """Return the batch collectors and budget of ``consumer``, made on first use.
 
     ``app`` (default: the consumer's) holds the ``batches_prefetch_limit``
     setting.
     """
-    batches: WorkerBatches | None = getattr(consumer, "_celery_batches", None)
+    batches = _worker_batches.get(consumer)
     if batches is None:
         conf = (app if app is not None else consumer.app).conf
-        batches = WorkerBatches(prefetch_limit(conf))
-        consumer._celery_batches = batches
+        batches = _worker_batches[consumer] = WorkerBatches(prefetch_limit(conf))
     return batches
 
 
@@ -109,7 +114,7 @@ def collectors_of(consumer: Consumer) -> dict[str, BatchCollector]:
     return worker_batches(consumer).collectors
 
 
-def _key_function(task: Batches) -> KeyFunction | None:
+def _key_function(task: BatchTask) -> KeyFunction | None:
     batch_key = batch_key_of(task)
     if batch_key is None:
         return None
@@ -125,9 +130,7 @@ def _key_function(task: Batches) -> KeyFunction | None:
     def by_callable(request: Request) -> Hashable:
         # The key function sees what the body will see; keep the snapshot
         # so the flush does not build it a second time.
-        simple = SimpleRequest.from_request(request)
-        request._batches_simple = simple
-        return user_key(simple)
+        return user_key(snapshot_of(request))
 
     return by_callable
 
@@ -135,43 +138,54 @@ def _key_function(task: Batches) -> KeyFunction | None:
 class BatchCollector:
     """Buffers one batch task's requests in the worker and flushes them.
 
-    Flushes a key's requests when ``flush_every`` of them wait, and every
-    waiting request each ``flush_interval`` seconds. While a key has
-    requests waiting, the consumer's prefetch window is widened by up to
-    twice ``flush_every``, drawn from the worker's
+    Applies the task's :class:`~celery_batches.policy.FlushPolicy` to the
+    worker: a key's requests flush when ``flush_every`` of them wait, or
+    once its oldest has waited ``flush_interval`` seconds (one timer per
+    task, armed for the next key due). While a key has requests waiting,
+    the consumer's prefetch window is widened by up to twice
+    ``flush_every``, drawn from the worker's
     :class:`~celery_batches.prefetch.PrefetchBudget`, so the broker can
     deliver a full batch at Celery's default prefetch settings; it is
-    narrowed again when they are flushed.
+    narrowed again when they are flushed. Every batch goes through the
+    task's ``flush`` hook, into ``pool``.
     """
 
-    def __init__(self, task: Batches, consumer: Consumer) -> None:
+    def __init__(self, task: BatchTask, consumer: Consumer, pool: BasePool) -> None:
         self.task = task
         self.consumer = consumer
-        self.buffer: BatchBuffer[Request] = BatchBuffer(int(task.flush_every))
-        self.flush_interval = float(task.flush_interval)
+        #: Where batches run (a warm shutdown may pass another).
+        self.pool = pool
+        self.policy: FlushPolicy[Request] = FlushPolicy(
+            int(task.flush_every), float(task.flush_interval)
+        )
         #: How much a waiting key asks to widen the prefetch window: room for
         #: one batch to fill while the one before it still counts against
         #: the window (until the pool accepts it, or until it ends with
         #: ``acks_late``). With only ``flush_every`` the broker stops after
         #: a flush until those acks are out, and the consumer sits idle.
-        self.widening = 2 * self.buffer.flush_every
+        self.widening = 2 * int(task.flush_every)
         self.key_of = _key_function(task)
         # The flush timer of non-event-loop pools runs in its own thread.
         self.lock = threading.RLock()
         self._timer_entry: Any = None
+        self._timer_due: float | None = None
         self._timer_generation = 0
         self.batches = worker_batches(consumer, task.app)
         self.budget = self.batches.budget
         self.budget.add_task(task.name)
-        processes = getattr(consumer.pool, "num_processes", None) or 1
+        processes = getattr(pool, "num_processes", None) or 1
         #: At most this many keys of the task widen the window at once: more
         #: would only hold more messages than the pool can run.
         self.max_boosted_keys = max(2, int(processes) + 1)
-        #: Calls held for their ETA, by identity: two messages may carry the
-        #: same task id (a redelivery, or an id reused on purpose), and each
-        #: is a message of its own to run and settle.
-        self._held: dict[int, tuple[Request, Any, bool]] = {}
+        #: Calls held for their ETA, with their timer entry and whether they
+        #: widened the window.
+        self.held: HeldCalls[Request, tuple[Any, bool]] = HeldCalls()
         self.revoked_tasks = revoked_tasks
+
+    @property
+    def buffer(self) -> BatchBuffer[Request]:
+        """The waiting requests, one FIFO per key."""
+        return self.policy.buffer
 
     # -- prefetch ---------------------------------------------------------
 
@@ -213,53 +227,65 @@ class BatchCollector:
         the worker later.
         """
         with self.lock:
-            self.buffer.pending(key)
+            self.policy.pending(key)
             self.budget.granted(self.task.name, key)
 
     def add(self, request: Request, key: Hashable = None, reason: str = "size") -> None:
         """Buffer ``request`` under ``key``; flush the key's batch if it is full."""
         with self.lock:
-            buffer = self.buffer
-            if not buffer.pending(key):
+            policy = self.policy
+            if not policy.pending(key):
                 self._boost(key)
-            batch = buffer.add(request, key)
+            batch = policy.add(request, key, monotonic())
             if batch is not None:
                 self._unboost(key)
-                if buffer.pending(key):
+                if policy.pending(key):
                     self._boost(key)
-            if not buffer:
-                self._cancel_timer()
-            elif self._timer_entry is None:
-                self._arm_timer()
+            self._rearm()
         if batch is not None:
             self.dispatch(batch, key, reason)
 
-    def _arm_timer(self) -> None:
+    def _rearm(self) -> None:
+        """Arm the flush timer for the next key due, if it is not armed for it."""
+        due = self.policy.next_due()
+        if due == self._timer_due:
+            return
+        self._cancel_timer()
+        if due is None:
+            return
         self._timer_generation += 1
         generation = self._timer_generation
 
-        def on_interval() -> None:
-            self.on_interval(generation)
+        def on_due() -> None:
+            self.on_interval(generation, due)
 
-        self._timer_entry = self.consumer.timer.call_repeatedly(
-            self.flush_interval, on_interval, priority=5
-        )
+        self._timer_entry = self.consumer.timer.call_at(due, on_due, priority=5)
+        self._timer_due = due
 
     def _cancel_timer(self) -> None:
         entry, self._timer_entry = self._timer_entry, None
+        self._timer_due = None
         if entry is not None:
             cancel_timer_entry(self.consumer.timer, entry)
 
-    def on_interval(self, generation: int | None = None) -> None:
-        """Timer callback: flush every waiting request.
+    def on_interval(self, generation: int | None = None, due: float = 0.0) -> None:
+        """Timer callback: flush every key whose oldest call waited long enough.
 
         ``generation`` is that of the timer that fired: a timer of the
         gevent and eventlet pools may fire once more after it was
-        cancelled, and such a late call does nothing.
+        cancelled, and such a late call does nothing. ``due`` is when it was
+        set to fire: the clock is taken to be at least that far.
         """
-        if generation is not None and generation != self._timer_generation:
-            return
-        self.flush_all("interval")
+        with self.lock:
+            if generation is not None and generation != self._timer_generation:
+                return
+            self._timer_entry = self._timer_due = None
+            batches = self.policy.due(max(monotonic(), due))
+            for key in {key for key, _ in batches}:
+                self._unboost(key)
+            self._rearm()
+        for key, batch in batches:
+            self.dispatch(batch, key, "interval")
 
     # -- ETA --------------------------------------------------------------
 
@@ -282,15 +308,16 @@ class BatchCollector:
             )
             if widened:
                 qos.increment_eventually()
-            self._held[id(request)] = (request, entry, widened)
+            self.held.hold(request, (entry, widened))
 
     def on_eta_due(self, request: Request, key: Hashable = None) -> None:
         """Timer callback: an ETA request joins the buffer."""
         with self.lock:
-            held = self._held.pop(id(request), None)
-            if held is None:
+            handle = self.held.release(request)
+            if handle is None:
                 return  # discarded by a connection loss meanwhile
-            if held[2]:
+            _, widened = handle
+            if widened:
                 qos = self.consumer.qos
                 if qos is not None:
                     narrow_prefetch(qos, 1, self._floor())
@@ -323,9 +350,9 @@ class BatchCollector:
         reason: str,
         pool: BasePool | None = None,
     ) -> None:
-        """Send ``batch`` to the pool, leaving out revoked and expired requests.
+        """Hand ``batch`` to the task's ``flush``, but its revoked and expired calls.
 
-        ``pool`` overrides the worker's pool (used at shutdown). Never
+        ``pool`` overrides the collector's (used at shutdown). Never
         raises: a batch that cannot be handed over is failed, so no message
         is left unacked in the worker for ever.
         """
@@ -333,10 +360,8 @@ class BatchCollector:
         if not live:
             return
         try:
-            if pool is None:
+            with flushing_into(self.pool if pool is None else pool):
                 self.task.flush(live)
-            else:
-                dispatch_batch(self.task, live, pool, hostname=live[0].hostname)
         # Batches.flush may be overridden by the user; whatever it (or the
         # pool) raises, these requests will not run: each is failed and its
         # message rejected, and the worker goes on with the next batch.
@@ -362,11 +387,11 @@ class BatchCollector:
     def flush_all(self, reason: str, pool: BasePool | None = None) -> int:
         """Flush every waiting request now; return how many were sent.
 
-        ``pool`` overrides the worker's pool (used at shutdown).
+        ``pool`` overrides the collector's (used at shutdown).
         """
         with self.lock:
-            batches = list(self.buffer.drain())
-            for key, _ in batches:
+            batches = self.policy.drain()
+            for key in {key for key, _ in batches}:
                 self._unboost(key)
             self._cancel_timer()
         for key, batch in batches:
@@ -380,15 +405,14 @@ class BatchCollector:
         died with the channel and the broker delivers them again.
         """
         with self.lock:
-            waiting = self.buffer.clear()
-            held = [request for request, _, _ in self._held.values()]
-            for _, entry, _ in self._held.values():
+            waiting = self.policy.clear()
+            held = self.held.clear()
+            for _, (entry, _widened) in held:
                 cancel_timer_entry(self.consumer.timer, entry)
-            self._held.clear()
             # The consumer's window goes with the connection; a new one
             # starts from Celery's own prefetch count.
             self.budget.release_task(self.task.name)
             self._cancel_timer()
-        for request in (*waiting, *held):
+        for request in (*waiting, *(request for request, _ in held)):
             task_ready(request)
         return len(waiting) + len(held)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
+from weakref import WeakKeyDictionary
 
 from billiard.einfo import ExceptionInfo
 from celery.exceptions import InvalidTaskError
@@ -12,8 +16,9 @@ from celery.worker.state import task_ready
 
 from ._compat import request_context_or_none
 from .acks import ack_together
+from .outcome import Outcome
 from .request import SimpleRequest
-from .trace import Outcome, execute_batch, run_batch
+from .trace import execute_batch, run_batch
 
 if TYPE_CHECKING:
     from celery.app.task import Task
@@ -24,7 +29,9 @@ __all__ = [
     "BatchJob",
     "dispatch_batch",
     "fail_request",
+    "flushing_into",
     "inline_pool",
+    "snapshot_of",
     "uses_processes",
 ]
 
@@ -146,35 +153,79 @@ def _unpicklable(request: Request, simple: SimpleRequest) -> Exception | None:
         return None
     try:
         pickle.dumps(simple, protocol=pickle.HIGHEST_PROTOCOL)
-    # Unpickling-proof objects raise whatever their __reduce__ raises.
-    except Exception as exc:
+    # Unpicklable user objects raise whatever their __reduce__ raises.
+    except Exception as exc:  # noqa: BLE001
         return exc
     return None
+
+
+#: The pool the batches flushed in this context go to. The collector sets
+#: it around each flush, so that ``Batches.flush``, the public hook every
+#: flush goes through, dispatches to the worker's pool (or, at a prefork
+#: warm shutdown, to one in the main process) without reaching for it.
+_flush_pool: ContextVar[BasePool | None] = ContextVar(
+    "celery_batches_flush_pool", default=None
+)
+
+
+@contextmanager
+def flushing_into(pool: BasePool) -> Iterator[None]:
+    """Within the block, batches flushed in this context run in ``pool``."""
+    token = _flush_pool.set(pool)
+    try:
+        yield
+    finally:
+        _flush_pool.reset(token)
+
+
+#: The SimpleRequest made of a worker request before its batch was flushed
+#: (by a batch_key function, which sees what the body will see), so that
+#: the flush does not make it a second time.
+_snapshots: WeakKeyDictionary[Request, SimpleRequest] = WeakKeyDictionary()
+
+
+def snapshot_of(request: Request, *, keep: bool = True) -> SimpleRequest:
+    """Return the :class:`~celery_batches.SimpleRequest` of ``request``, made once.
+
+    ``keep=False`` (the flush) takes it without keeping it any longer.
+    """
+    snapshot = _snapshots.pop(request, None) if not keep else _snapshots.get(request)
+    if snapshot is None:
+        snapshot = SimpleRequest.from_request(request)
+        if keep:
+            _snapshots[request] = snapshot
+    return snapshot
 
 
 def dispatch_batch(
     task: Task,
     requests: list[Request],
-    pool: BasePool,
+    pool: BasePool | None = None,
     *,
     hostname: str | None = None,
 ) -> Any:
     """Run ``requests`` as one batch of ``task`` in ``pool``.
 
-    Requests whose arguments cannot be sent to a pool process are failed
-    and rejected on their own; the rest run.
+    ``pool`` defaults to the one the worker is flushing into (see
+    :func:`flushing_into`). Requests whose arguments cannot be sent to a
+    pool process are failed and rejected on their own; the rest run.
 
     Returns:
         What ``pool.apply_async`` returned, or ``None`` if nothing was left
         to run.
+
+    Raises:
+        RuntimeError: outside a worker's flush: there is no pool to run in.
     """
+    if pool is None:
+        pool = _flush_pool.get()
+        if pool is None:
+            raise RuntimeError(f"{task.name}.flush() is only available in a worker")
     in_processes = uses_processes(pool)
     runnable: list[Request] = []
     simple: list[SimpleRequest] = []
     for request in requests:
-        snapshot = getattr(request, "_batches_simple", None)
-        if snapshot is None:
-            snapshot = SimpleRequest.from_request(request)
+        snapshot = snapshot_of(request, keep=False)
         if in_processes:
             error = _unpicklable(request, snapshot)
             if error is not None:
@@ -189,10 +240,23 @@ def dispatch_batch(
     except _PICKLING_ERRORS as exc:
         if not in_processes:
             raise
-        failure: BaseException = exc
-    # One call's arguments did not pickle after all: JSON-decoded values
-    # nested deeper than pickle's recursion limit do that. Find it, fail it
-    # alone, and send the rest (a plain task would have failed alone too).
+        return _apply_without_unpicklable(task, pool, runnable, simple, exc, hostname)
+
+
+def _apply_without_unpicklable(
+    task: Task,
+    pool: BasePool,
+    runnable: list[Request],
+    simple: list[SimpleRequest],
+    failure: BaseException,
+    hostname: str | None,
+) -> Any:
+    """Send the batch again without the calls that do not pickle.
+
+    One call's arguments did not pickle after all: JSON-decoded values
+    nested deeper than pickle's recursion limit do that. It fails alone and
+    the rest run, as a plain task would have failed alone.
+    """
     keep = []
     for request, snapshot in zip(runnable, simple):
         error = _pickling_error(snapshot)
@@ -209,7 +273,7 @@ def dispatch_batch(
         pool,
         [request for request, _ in keep],
         [snapshot for _, snapshot in keep],
-        in_processes,
+        True,
         hostname,
     )
 

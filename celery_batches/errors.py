@@ -6,16 +6,22 @@
     ├── InvalidBatchSetting        (also a ValueError)
     └── ResultShapeError           (also a TypeError and a ValueError)
 
+    celery.exceptions.Retry
+    └── BatchRetry                 (what self.retry() raises in a batch body)
+
 Catch :exc:`BatchesError` for anything this library raises on its own
 behalf; errors from Celery, the broker or the result backend pass through
-unchanged.
+unchanged. :exc:`BatchRetry` is no error but Celery's retry predicate,
+carrying what the batch's retry needs.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["BatchesError", "InvalidBatchSetting", "ResultShapeError"]
+from celery.exceptions import Retry
+
+__all__ = ["BatchRetry", "BatchesError", "InvalidBatchSetting", "ResultShapeError"]
 
 
 class BatchesError(Exception):
@@ -51,3 +57,33 @@ class ResultShapeError(BatchesError, TypeError, ValueError):
     a ``ValueError`` (a sequence of the wrong length), as earlier releases
     raised one or the other.
     """
+
+
+class BatchRetry(Retry):  # type: ignore[misc]
+    """Raised by ``self.retry()`` in a batch body: retry every unsettled call.
+
+    A :exc:`celery.exceptions.Retry`, so code that catches Celery's
+    predicate still does; it also carries the batch retry's ``countdown``,
+    ``eta`` and ``max_retries``, which the worker applies to each call.
+    """
+
+    def __init__(
+        self,
+        exc: BaseException | str | None = None,
+        *,
+        countdown: float | None = None,
+        eta: Any = None,
+        max_retries: int | None = None,
+    ) -> None:
+        super().__init__(exc=exc, when=eta or countdown)
+        #: What each call's retry takes: ``countdown``, ``eta``, ``max_retries``.
+        self.options = {"countdown": countdown, "eta": eta, "max_retries": max_retries}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Celery's Retry pickles (message, exc, when); keep ours whole.
+        reason = self.exc if self.exc is not None else self.excs
+        return (_rebuild_retry, (reason, self.options))
+
+
+def _rebuild_retry(exc: Any, options: dict[str, Any]) -> BatchRetry:
+    return BatchRetry(exc, **options)

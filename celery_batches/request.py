@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from celery import current_app, signals, states
+from celery import current_app
 from celery.app.task import Context
-from celery.exceptions import InvalidTaskError, MaxRetriesExceededError
 from celery.utils.log import get_logger
-from celery.utils.time import get_exponential_backoff_interval
 
 from ._compat import request_context
 
@@ -18,7 +16,9 @@ if TYPE_CHECKING:
     from celery.app.task import Task
     from celery.worker.request import Request
 
-__all__ = ["SimpleRequest"]
+    from .types import Outcomes
+
+__all__ = ["RetryRequested", "SimpleRequest"]
 
 logger = get_logger(__name__)
 
@@ -39,6 +39,7 @@ class SimpleRequest:
     __slots__ = (
         "_context",
         "_outcome",
+        "_outcomes",
         "_task",
         "args",
         "chord",
@@ -105,6 +106,9 @@ class SimpleRequest:
         self._outcome: tuple[str, Any] | None = None
         #: The task running this request, set in the process that runs it.
         self._task: Task | None = None
+        #: What settles this request: the outcome recorder of the batch that
+        #: runs it, set in the process that runs it.
+        self._outcomes: Outcomes | None = None
 
     @classmethod
     def from_request(cls, request: Request) -> SimpleRequest:
@@ -164,6 +168,15 @@ class SimpleRequest:
         """The state this request was settled with, or ``None``."""
         return None if self._outcome is None else self._outcome[0]
 
+    @property
+    def _settlement(self) -> tuple[str, Any] | None:
+        """``(state, value)`` once settled, else ``None`` (for the outcome recorder)."""
+        return self._outcome
+
+    def _settle(self, state: str, value: Any) -> None:
+        """Record this request's outcome; only the outcome recorder calls this."""
+        self._outcome = (state, value)
+
     def _refuses(self, what: str) -> bool:
         """Return ``True`` (and warn) if settled already: the first outcome stands."""
         if self._outcome is None:
@@ -195,16 +208,27 @@ class SimpleRequest:
         name = self.request_dict.get("task") or self.name
         return current_app.tasks[name]
 
+    def _recorder(self) -> Outcomes:
+        outcomes = self._outcomes
+        if outcomes is None:
+            raise RuntimeError(
+                f"{self!r} is not a call of a running batch: mark_as_done(), "
+                "mark_as_failure() and retry() settle the calls a batch body "
+                "receives (celery_batches.testing.apply_batch runs a body in a "
+                "test)"
+            )
+        return outcomes
+
     def mark_as_done(self, result: Any) -> None:
         """Store ``result`` as this request's result, as a plain task would.
 
         ``link`` callbacks and the next task of a chain are sent with
         ``result``, a chord counts this member, ``rpc://`` callers receive
-        it, and ``task_success`` fires for this request.
+        it, and ``task_success`` fires for this request. A result that cannot
+        be stored (the result serializer refuses it) fails the request
+        instead.
         """
-        from .trace import settle_success
-
-        settle_success(self.task, self, result)
+        self._recorder().success(self, result)
 
     def mark_as_failure(self, exc: BaseException, traceback: str | None = None) -> None:
         """Store ``exc`` as this request's failure, as a plain task would.
@@ -212,9 +236,7 @@ class SimpleRequest:
         ``link_error`` callbacks run, a chord counts this member as failed,
         and ``task_failure`` fires for this request.
         """
-        from .trace import settle_failure
-
-        settle_failure(self.task, self, exc, traceback=traceback)
+        self._recorder().failure(self, exc, traceback)
 
     def retry(
         self,
@@ -235,87 +257,9 @@ class SimpleRequest:
         with ``exc`` or :exc:`~celery.exceptions.MaxRetriesExceededError`
         instead. A retry that cannot be sent fails the request.
         """
-        from .trace import settle_failure
-
-        if self._refuses("a retry"):
-            return
-        task = self.task
-        ctx = self.context
-        # As Celery's Task.retry: a string is the reason's message, not an
-        # exception to store as it is.
-        message = exc if isinstance(exc, str) else None
-        error = None if isinstance(exc, str) else exc
-        try:
-            retries = int(ctx.retries or 0)
-        except (TypeError, ValueError):
-            settle_failure(
-                task,
-                self,
-                InvalidTaskError(
-                    f"{self.name}[{self.id}] cannot be retried: its retries "
-                    f"header is {ctx.retries!r:.40}, not a number"
-                ),
-            )
-            return
-        limit = task.max_retries if max_retries is None else max_retries
-        if limit is not None and retries >= limit:
-            failure = error or MaxRetriesExceededError(
-                message
-                or f"Can't retry {self.name}[{self.id}] args:{self.args} "
-                f"kwargs:{self.kwargs}"
-            )
-            settle_failure(task, self, failure)
-            return
-        if countdown is None and eta is None:
-            # Celery sets the backoff attributes only on tasks that name them;
-            # its own defaults are False, 600 and True.
-            backoff = getattr(task, "retry_backoff", False)
-            if backoff:
-                countdown = get_exponential_backoff_interval(
-                    factor=int(backoff),
-                    retries=retries,
-                    maximum=getattr(task, "retry_backoff_max", 600),
-                    full_jitter=getattr(task, "retry_jitter", True),
-                )
-            else:
-                countdown = task.default_retry_delay
-        try:
-            task.signature_from_request(
-                ctx,
-                self.args,
-                self.kwargs,
-                task_id=self.id,
-                countdown=countdown,
-                eta=eta,
-                retries=retries + 1,
-            ).apply_async()
-        # The broker refused the retry (or the call's options are corrupt):
-        # the call cannot run again, so it fails, as a plain task whose
-        # retry cannot be sent fails.
-        except Exception as send_error:
-            logger.error(
-                "Cannot send the retry of %s[%s]: %r", self.name, self.id, send_error
-            )
-            settle_failure(task, self, send_error)
-            return
-        if error is not None:
-            reason: BaseException = error
-        elif message is not None:
-            reason = RetryRequested(message)
-        else:
-            reason = RetryRequested.after(countdown, eta)
-        if not self.ignore_result:
-            try:
-                task.backend.mark_as_retry(self.id, reason, request=ctx)
-            # The retry is on its way already: failing to record RETRY in the
-            # user's result backend must not fail the call a second way.
-            except Exception:
-                logger.error(
-                    "Cannot store RETRY for %s[%s]", self.name, self.id, exc_info=True
-                )
-        self._outcome = (states.RETRY, reason)
-        if signals.task_retry.receivers:
-            signals.task_retry.send(sender=task, request=ctx, reason=reason, einfo=None)
+        self._recorder().retry(
+            self, countdown=countdown, eta=eta, exc=exc, max_retries=max_retries
+        )
 
 
 class RetryRequested(Exception):

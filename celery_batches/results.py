@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from typing import TYPE_CHECKING, Any
 
 from celery import states
@@ -13,16 +12,9 @@ if TYPE_CHECKING:
 
     from .request import SimpleRequest
 
-__all__ = ["ResultWriter", "active_writer", "writing_results"]
+__all__ = ["ResultWriter"]
 
 logger = get_logger(__name__)
-
-_local = threading.local()
-
-
-def active_writer() -> ResultWriter | None:
-    """Return the writer of the batch running in this thread, if any."""
-    return getattr(_local, "writer", None)
 
 
 class ResultWriter:
@@ -119,20 +111,3 @@ class ResultWriter:
                 pipe.set(key, value, ex=expires or None)
                 pipe.publish(key, value)
             pipe.execute()
-
-
-class writing_results:
-    """Context manager: settle results of the batch run in this thread in bulk."""
-
-    def __init__(self, backend: Backend) -> None:
-        self.writer = ResultWriter.for_backend(backend)
-
-    def __enter__(self) -> ResultWriter | None:
-        self.previous = active_writer()
-        _local.writer = self.writer
-        return self.writer
-
-    def __exit__(self, *exc_info: object) -> None:
-        _local.writer = self.previous
-        if self.writer is not None:
-            self.writer.flush()

@@ -41,7 +41,9 @@ def _connected(c: Consumer) -> bool:
         return False
     try:
         return bool(connection.connected)
-    except Exception:
+    # Asking a connection that went away may fail with the transport's own
+    # errors, or with AttributeError once Kombu dropped its client.
+    except (AttributeError, OSError, *c.connection_errors):
         return False
 
 

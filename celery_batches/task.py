@@ -5,23 +5,22 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any, Callable
 
-from celery import Task, states
+from celery import Task
 from celery.exceptions import Retry
-from celery.result import EagerResult
-from celery.utils.functional import maybe_list
-from celery.utils.nodenames import gethostname
 from kombu.utils.uuid import uuid
 
 from .dispatch import dispatch_batch
+from .eager import eager_request, eager_result
+from .errors import BatchRetry
 from .request import SimpleRequest
 from .settings import batch_key_of, check_options
 from .step import BatchesStep
 from .strategy import batches_strategy
-from .trace import retry_unsettled, run_batch, running_batch, unwrap_exception
+from .trace import retry_running_batch, run_batch
 
 if TYPE_CHECKING:
     from celery import Celery
-    from celery.concurrency.base import BasePool
+    from celery.result import EagerResult
     from celery.worker.consumer import Consumer
     from celery.worker.request import Request
 
@@ -65,8 +64,6 @@ class Batches(Task):  # type: ignore[misc]
     #: or the name of a keyword argument. Each key has its own buffer and
     #: ``flush_every``. Default: ``None`` (one buffer).
     batch_key: Callable[[SimpleRequest], Hashable] | str | None = None
-
-    _pool: BasePool | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # The task decorator creates a subclass holding the options given
@@ -112,11 +109,15 @@ class Batches(Task):  # type: ignore[misc]
         return batches_strategy(task, app, consumer)
 
     def flush(self, requests: list[Request]) -> Any:
-        """Run ``requests`` (worker requests) as one batch in the worker's pool."""
-        if self._pool is None:
-            raise RuntimeError(f"{self.name}.flush() is only available in a worker")
+        """Run ``requests`` (worker requests) as one batch in the worker's pool.
+
+        The worker calls this for every batch it runs, whatever made it
+        flush: override it to see or change each batch before it runs (call
+        ``super().flush(requests)`` to run it). Only the worker can call it:
+        it raises ``RuntimeError`` elsewhere.
+        """
         hostname = requests[0].hostname if requests else None
-        return dispatch_batch(self, requests, self._pool, hostname=hostname)
+        return dispatch_batch(self, requests, hostname=hostname)
 
     def retry(
         self,
@@ -140,13 +141,11 @@ class Batches(Task):  # type: ignore[misc]
         body goes on. ``args``, ``kwargs`` and other options of Celery's
         ``retry`` do not apply to a batch and are ignored.
         """
-        retry = Retry(exc=exc, when=eta or countdown)
-        options = {"countdown": countdown, "eta": eta, "max_retries": max_retries}
+        retry = BatchRetry(exc, countdown=countdown, eta=eta, max_retries=max_retries)
         if throw:
-            retry.batch_retry_options = options
             raise retry
         # Celery's Task.retry(throw=False) sends the retry all the same.
-        retry_unsettled(self, running_batch(self), exc, options)
+        retry_running_batch(self, exc, retry.options)
         return retry
 
     def apply(
@@ -172,64 +171,3 @@ class Batches(Task):  # type: ignore[misc]
         if throw is None:
             throw = self.app.conf.task_eager_propagates
         return eager_result(request, retval, throw=bool(throw))
-
-
-def eager_request(
-    task: Task,
-    task_id: str,
-    args: tuple[Any, ...] | list[Any] | None,
-    kwargs: dict[str, Any] | None,
-    options: dict[str, Any],
-) -> SimpleRequest:
-    """Build the request of an eager call of ``task``."""
-    args = list(args or ())
-    kwargs = dict(kwargs or {})
-    hostname = gethostname()
-    delivery_info = {
-        "is_eager": True,
-        "exchange": options.get("exchange"),
-        "routing_key": options.get("routing_key"),
-        "priority": options.get("priority"),
-    }
-    ignore_result = bool(options.get("ignore_result", task.ignore_result))
-    request_dict = {
-        "id": task_id,
-        "task": task.name,
-        "args": args,
-        "kwargs": kwargs,
-        "is_eager": True,
-        "delivery_info": delivery_info,
-        "hostname": hostname,
-        "ignore_result": ignore_result,
-        "retries": options.get("retries", 0),
-        "callbacks": maybe_list(options.get("link")),
-        "errbacks": maybe_list(options.get("link_error")),
-        "root_id": task_id,
-    }
-    return SimpleRequest(
-        task_id,
-        task.name,
-        args,
-        kwargs,
-        delivery_info,
-        hostname,
-        ignore_result,
-        None,
-        None,
-        request_dict,
-    )
-
-
-def eager_result(request: SimpleRequest, retval: Any, *, throw: bool) -> EagerResult:
-    """Turn a settled (or unsettled) eager request into an EagerResult."""
-    outcome = request._outcome
-    if outcome is None:
-        return EagerResult(request.id, retval, states.SUCCESS)
-    state, value = outcome
-    if state == states.FAILURE:
-        exc = value.exception
-        exc = unwrap_exception(exc)
-        if throw:
-            raise exc
-        return EagerResult(request.id, exc, state, traceback=value.traceback)
-    return EagerResult(request.id, value, state)

@@ -7,13 +7,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from kombu.utils.uuid import uuid
 
-from .task import eager_request, eager_result
+from .eager import eager_request, eager_result
 from .trace import run_batch
 
 if TYPE_CHECKING:
+    from celery.app.task import Task
     from celery.result import EagerResult
-
-    from .task import Batches
 
 __all__ = ["Call", "apply_batch", "call"]
 
@@ -42,7 +41,7 @@ def _as_call(item: Call | tuple[Any, ...] | Mapping[str, Any] | Any) -> Call:
 
 
 def apply_batch(
-    task: Batches,
+    task: Task,
     calls: Iterable[Call | tuple[Any, ...] | Mapping[str, Any] | Any],
     *,
     throw: bool = False,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import __future__
 
 import importlib
+import inspect
 import pkgutil
 from types import ModuleType
 
@@ -57,3 +58,19 @@ def test_each_module_is_documented_and_its_all_is_real(name: str) -> None:
     missing = [member for member in exported if not hasattr(module, member)]
     assert missing == []
     assert len(set(exported)) == len(exported)
+
+
+@pytest.mark.parametrize("name", ["celery_batches", *MODULES])
+def test_each_public_function_and_class_of_a_module_is_in_its_all(name: str) -> None:
+    # given the functions and classes a module defines without a leading
+    # underscore (what a reader takes for its public surface)
+    module = importlib.import_module(name)
+    defined = {
+        member
+        for member, value in vars(module).items()
+        if not member.startswith("_")
+        and (inspect.isclass(value) or inspect.isfunction(value))
+        and value.__module__ == name
+    }
+    # then __all__ lists each of them: nothing public goes unlisted
+    assert defined - set(module.__all__) == set()

@@ -9,7 +9,7 @@ from celery import Celery
 from kombu.utils.uuid import uuid
 
 from celery_batches import Batches, SimpleRequest
-from celery_batches.task import eager_request
+from celery_batches.eager import eager_request
 from celery_batches.trace import run_batch
 
 
