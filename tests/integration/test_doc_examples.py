@@ -58,7 +58,9 @@ def test_getting_started_gives_each_call_its_own_result_in_batches(load: Load) -
     # given the getting-started app and its task (flush_every=100)
     example = load("getting_started")
     words = [f"word{i}" for i in range(250)]
-    with example_worker(example.app, flush_interval=0.2) as flushes:
+    # (an interval long enough that only the last 50 wait for it, however
+    # slowly a loaded machine publishes the first 200)
+    with example_worker(example.app, flush_interval=2) as flushes:
         # when 250 calls are sent and their results read
         results = example.send_words(words)
         # then each call has its own result, computed in batches of at most 100
@@ -289,7 +291,7 @@ def test_metrics_count_flushes_by_reason_and_batch_sizes(load: Load) -> None:
         metrics.start_metrics_server()
         server = metrics.metrics_server
         assert server is not None
-        with example_worker(example.app, flush_interval=0.3) as flushes:
+        with example_worker(example.app, flush_interval=2) as flushes:
             # when 230 calls run: full batches of 100, the rest by interval
             example.send_words([f"w{i}" for i in range(230)])
             wait_for(lambda: flushed(flushes, name) == 230, what="230 calls flushed")
@@ -435,7 +437,9 @@ def test_the_configuration_example_runs_with_every_option(load: Load) -> None:
     assert (task.flush_every, task.flush_interval) == (200, 2.5)
     assert task.acks_late and task.reject_on_worker_lost and task.per_request_results
     assert (task.soft_time_limit, task.time_limit) == (50, 60)
-    with example_worker(example.app, flush_interval=0.2) as flushes:
+    # (an interval long enough that only the last 50 wait for it, however
+    # slowly a loaded machine publishes the first 200)
+    with example_worker(example.app, flush_interval=2) as flushes:
         results = [
             example.charge.delay(account=account, amount=amount)
             for account, amount in [("a", 5), ("b", 7), ("a", 9)]
