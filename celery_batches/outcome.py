@@ -47,9 +47,12 @@ __all__ = [
 
 logger = get_logger(__name__)
 
-#: Celery's own tracer logs each task's outcome here; so do we, for each
-#: call, in the same formats, so a call's lines read as a plain task's.
-task_logger = get_logger("celery.app.trace")
+#: Each call's outcome is logged here, in the formats and at the levels of
+#: Celery's tracer (which logs a plain task's on ``celery.app.trace``), so a
+#: call's lines read as a plain task's. A logger of its own: error trackers
+#: such as Sentry ignore ``celery.app.trace`` (they catch a plain task's
+#: exception where it is raised) but would miss a call failed by its value.
+task_logger = get_logger("celery_batches.calls")
 
 #: Task handler methods a Batches subclass may override, run per call.
 HANDLERS = ("on_success", "on_failure", "on_retry", "after_return")
@@ -71,7 +74,7 @@ class BatchOutcomes:
     and anything settled after :meth:`store`, is stored at once.
     """
 
-    __slots__ = ("_handlers", "_logged", "_writer", "store_results", "task")
+    __slots__ = ("_handlers", "_writer", "store_results", "task")
 
     def __init__(
         self, task: Task, *, bulk: bool = True, store_results: bool = True
@@ -90,9 +93,6 @@ class BatchOutcomes:
             for name in HANDLERS
             if task_has_custom(task, name)
         }
-        # Exceptions whose traceback was logged already (a body's exception
-        # fails every call of the batch: its traceback is logged once).
-        self._logged: set[int] = set()
 
     # -- one call ----------------------------------------------------------
 
@@ -361,15 +361,14 @@ class BatchOutcomes:
     ) -> None:
         """Log a failed call as Celery logs a failed task (same format and level).
 
-        The traceback goes with the first call an exception fails; the other
-        calls it fails (a body that raised fails its whole batch) get the
-        line without it.
+        A body that raised fails each call of its batch with the same
+        exception: each call's line has its traceback, as each of as many
+        plain tasks would (an error tracker reporting log records, such as
+        Sentry's, reports the one exception once).
         """
         policy = get_log_policy(self.task, einfo, exc)
         if not task_logger.isEnabledFor(policy.severity):
             return
-        first = id(exc) not in self._logged
-        self._logged.add(id(exc))
         context = {
             "hostname": request.hostname,
             "id": request.id,
@@ -385,7 +384,7 @@ class BatchOutcomes:
             policy.severity,
             policy.format.strip(),
             context,
-            exc_info=einfo.exc_info if policy.traceback and first else None,
+            exc_info=(type(exc), exc, exc.__traceback__) if policy.traceback else None,
             extra={"data": context},
         )
 

@@ -14,7 +14,7 @@ try:  # an optional integration: nothing to do without OpenTelemetry
 except ImportError:  # pragma: no cover - exercised where it is not installed
     _otel = None
 
-__all__ = ["link_calls"]
+__all__ = ["link_calls", "record_failure"]
 
 
 def link_calls(calls: Iterable[Any]) -> int:
@@ -43,3 +43,18 @@ def link_calls(calls: Iterable[Any]) -> int:
             add_link(sent_from, {"messaging.message.id": call.id})
             linked += 1
     return linked
+
+
+def record_failure(exc: BaseException) -> None:
+    """Mark the current span (the batch's) failed with ``exc``, if one records.
+
+    The instrumentation marks a task's span failed on ``task_failure`` for
+    that task's id; a batch's calls fail under their own ids, so the
+    batch's span is marked here, once, when its body raised.
+    """
+    if _otel is None:
+        return
+    span = _otel.trace.get_current_span()
+    if span.is_recording():
+        span.record_exception(exc)
+        span.set_status(_otel.trace.Status(_otel.trace.StatusCode.ERROR, repr(exc)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from typing import TYPE_CHECKING, Any
+from weakref import WeakSet
 
 from celery import current_app, signals, states
 from celery.app import trace as celery_trace
@@ -16,7 +17,7 @@ from kombu.utils.uuid import uuid
 from ._compat import current_task_stack
 from .errors import BatchRetry, ResultShapeError
 from .outcome import BatchOutcomes, Outcome
-from .telemetry import link_calls
+from .telemetry import link_calls, record_failure
 
 if TYPE_CHECKING:
     from celery.app.task import Task
@@ -142,7 +143,7 @@ def _call_body(
     # The user's batch body runs here: whatever it raises settles every
     # request it left unsettled (failure, or retry for autoretry_for), and
     # the worker goes on with the next batch.
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001
         if isinstance(exc, Retry):
             # The reason given to self.retry(exc=...), if any: past
             # max_retries a call fails with it, else with
@@ -152,12 +153,14 @@ def _call_body(
         elif _wants_autoretry(task, exc):
             outcomes.retry_unsettled(requests, exc)
         else:
-            logger.error(
-                "Batch of %d %s requests raised %r",
+            record_failure(exc)
+            # Each call's own line carries the traceback (outcome.py).
+            logger.warning(
+                "Batch of %d %s requests raised %r; the calls it left "
+                "unsettled fail with it",
                 len(requests),
                 task.name,
                 exc,
-                exc_info=True,
             )
             outcomes.fail_unsettled(requests, exc)
         return None, exc
@@ -214,6 +217,10 @@ def _batch_state(task: Task, exc: BaseException | None) -> str:
     return str(states.FAILURE)
 
 
+#: The batch tasks whose tracer was built in this process.
+_traced: WeakSet[Task] = WeakSet()
+
+
 def _body_of(task: Task) -> Any:
     """The batch body of ``task``, as Celery's own tracer would call it.
 
@@ -223,8 +230,11 @@ def _body_of(task: Task) -> Any:
     for a batch task otherwise, so it is built here once per process. It
     is looked up at call time, so that a patched one is the one called.
     """
-    if getattr(task, "__trace__", None) is None:
-        task.__trace__ = celery_trace.build_tracer(task.name, task, app=task.app)
+    if task not in _traced:
+        # Once per task in this process, whatever Celery built before (its
+        # consumer may hold the build_tracer of before the integration).
+        celery_trace.build_tracer(task.name, task, app=task.app)
+        _traced.add(task)
     if task_has_custom(task, "__call__"):
         return task.__call__
     # Celery's autoretry_for wraps run and keeps the body as _orig_run; the

@@ -126,12 +126,12 @@ def test_each_call_is_logged_as_celery_logs_a_task(
     task = batch_task_named(app, body)
     one, two, three = calls(task, 1, 2, 3)
     # when it runs with Celery's tracer logger at INFO
-    with caplog.at_level(logging.INFO, logger="celery.app.trace"):
+    with caplog.at_level(logging.INFO, logger="celery_batches.calls"):
         run_batch(task, [one, two, three])
     lines = [
         (r.levelno, r.getMessage())
         for r in caplog.records
-        if r.name == "celery.app.trace"
+        if r.name == "celery_batches.calls"
     ]
     # then each call has Celery's own line, at Celery's level, with its id
     assert any(
@@ -151,7 +151,7 @@ def test_each_call_is_logged_as_celery_logs_a_task(
     ), lines
 
 
-def test_a_body_that_raises_logs_each_call_and_its_traceback_once(
+def test_a_body_that_raises_logs_each_call_with_its_traceback(
     app: Celery, caplog: pytest.LogCaptureFixture
 ) -> None:
     def body(requests: list[SimpleRequest]) -> None:
@@ -159,14 +159,14 @@ def test_a_body_that_raises_logs_each_call_and_its_traceback_once(
 
     task = batch_task_named(app, body)
     requests = calls(task, 1, 2, 3)
-    with caplog.at_level(logging.ERROR, logger="celery.app.trace"):
+    with caplog.at_level(logging.ERROR, logger="celery_batches.calls"):
         run_batch(task, requests)
-    failed = [r for r in caplog.records if r.name == "celery.app.trace"]
+    failed = [r for r in caplog.records if r.name == "celery_batches.calls"]
     assert [r.getMessage() for r in failed] == [
         f"Task {task.name}[{r.id}] raised unexpected: ValueError('boom')"
         for r in requests
     ]
-    assert [r.exc_info is not None for r in failed] == [True, False, False]
+    assert [r.exc_info is not None for r in failed] == [True, True, True]
 
 
 def batch_task_named(app: Celery, body: Any, **options: Any) -> Any:
