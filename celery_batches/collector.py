@@ -43,6 +43,7 @@ logger = get_logger(__name__)
 def _does_info() -> bool:
     return bool(logger.isEnabledFor(logging.INFO))
 
+
 #: The largest prefetch count AMQP can carry; kombu sends a larger one as 0,
 #: which means *unlimited*, so no widening may take the window past it.
 PREFETCH_COUNT_MAX = 0xFFFF
