@@ -23,7 +23,6 @@ from celery import Celery, signals, states
 
 from celery_batches import Batches, SimpleRequest
 from celery_batches.signals import batch_flushed
-from celery_batches.testing import apply_batch
 from tests.conftest import (
     REDIS_BACKEND,
     ROOT,
@@ -108,26 +107,39 @@ def test_the_getting_started_session_runs_as_shown(
     assert (failed, tried) == (0, 5)
 
 
-def test_the_readme_example_is_the_getting_started_task(
+def test_the_readme_shows_the_getting_started_module_whole(
     load: Load, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # given the README's usage example
+    # given the README's usage example (the repository host renders no
+    # literalinclude, so the README carries its own copy)
     (block,) = code_blocks(ROOT / "README.rst", "python")
-    source = (EXAMPLES / "getting_started.py").read_text().splitlines()
-    # then each of its lines is a line of the tested getting-started module
-    missing = [line for line in block.splitlines() if line and line not in source]
-    assert missing == []
-    # and the block runs as it stands: its task batches and returns per call
-    namespace: dict[str, Any] = {"__name__": "readme_example"}
-    exec(compile(block, "README.rst", "exec"), namespace)
-    results = apply_batch(namespace["shout"], ["ada", "grace"])
-    assert [result.get() for result in results] == ["ADA", "GRACE"]
+    # then it is the tested getting-started module, every line of it
+    assert block == (EXAMPLES / "getting_started.py").read_text()
     # and the README's session gives the output shown, on a real worker
     example = load("getting_started")
     monkeypatch.setitem(sys.modules, "getting_started", example)
     (session,) = code_blocks(ROOT / "README.rst", "pycon")
     with example_worker(example.app, flush_interval=0.2):
-        assert run_session(session, "README.rst") == (0, 2)
+        assert run_session(session, "README.rst") == (0, 3)
+
+
+def test_getting_started_shows_the_module_whole() -> None:
+    # given the getting-started page
+    page = (DOCS / "getting-started.rst").read_text()
+    # then it includes the example module once, whole: no line range, no
+    # single object, so that what a reader copies runs as it stands
+    includes = [
+        line.split("::", 1)[1].strip()
+        for line in page.splitlines()
+        if line.startswith(".. literalinclude::")
+    ]
+    assert includes == ["examples/getting_started.py"]
+    directive = page.index(".. literalinclude:: examples/getting_started.py")
+    options = page[directive:].split("\n\n", 1)[0].splitlines()[1:]
+    assert [option.strip() for option in options] == [":language: python"]
+    # and the session it shows imports only what the module defines
+    (session,) = code_blocks(DOCS / "getting-started.rst", "pycon")
+    assert "from getting_started import send_words, shout" in session
 
 
 # -- per-request.rst --------------------------------------------------------------
