@@ -12,6 +12,7 @@ import doctest
 import sys
 import textwrap
 import threading
+import time
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -291,46 +292,133 @@ def test_a_callable_batch_key_groups_by_mail_domain(load: Load) -> None:
 # -- monitoring.rst ---------------------------------------------------------------
 
 
-def test_metrics_count_flushes_by_reason_and_batch_sizes(load: Load) -> None:
-    # given the metrics receiver connected, serving on a free local port
+def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """GET /metrics and parse it as Prometheus does: {(sample, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://127.0.0.1:{port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        assert response.status == 200
+        text = response.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_count_flushes_by_reason_batch_sizes_and_waits(load: Load) -> None:
+    # given the metrics receivers connected, serving on a free local port
     metrics = load("metrics")
     metrics.METRICS_PORT = 0
     example = load("getting_started")
     name = example.shout.name
+    interval = 0.3
     try:
         metrics.start_metrics_server()
         server = metrics.metrics_server
         assert server is not None
-        with example_worker(example.app, flush_interval=0.3) as flushes:
+        with example_worker(example.app, flush_interval=interval) as flushes:
             # when 230 calls run: full batches of 100, the rest by interval
             example.send_words([f"w{i}" for i in range(230)])
             wait_for(lambda: flushed(flushes, name) == 230, what="230 calls flushed")
-        # then the counter has each flush by its reason
-        text = metrics.metrics.render()
+        # then a scrape of the real exposition counts each flush by reason
+        samples = scrape(server.server_address[1])
+
+        def sample(metric: str, **labels: str) -> float:
+            return samples[metric, frozenset({"task": name, **labels}.items())]
+
         reasons = Counter(f["reason"] for f in flushes if f["task"] == name)
         assert reasons["size"] >= 2 and reasons["interval"] >= 1
         for reason, count in reasons.items():
-            line = f'celery_batches_flushes_total{{task="{name}",reason="{reason}"}}'
-            assert f"{line} {count}\n" in text
-        # and the histogram has each batch in its buckets
+            assert sample("celery_batches_flushes_total", reason=reason) == count
+        # and the size histogram has each batch in its buckets
         sizes = [f["size"] for f in flushes if f["task"] == name]
         for bound in (50, 100):
-            line = f'celery_batches_batch_size_bucket{{task="{name}",le="{bound}"}}'
-            assert f"{line} {sum(size <= bound for size in sizes)}\n" in text
-        assert f'celery_batches_batch_size_sum{{task="{name}"}} 230\n' in text
-        assert (
-            f'celery_batches_batch_size_count{{task="{name}"}} {len(sizes)}\n' in text
-        )
-        # and /metrics serves the same text
-        port = server.server_address[1]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            assert r.read().decode() == metrics.metrics.render()
+            assert sample("celery_batches_batch_size_bucket", le=f"{bound}.0") == sum(
+                size <= bound for size in sizes
+            )
+        assert sample("celery_batches_batch_size_sum") == 230
+        assert sample("celery_batches_batch_size_count") == len(sizes)
+        # and the wait histogram has each batch's oldest call: those flushed
+        # by interval waited the interval at least, none near the 30 s bucket
+        waits = "celery_batches_oldest_wait_seconds"
+        assert sample(f"{waits}_count") == len(sizes)
+        assert sample(f"{waits}_sum") >= reasons["interval"] * interval * 0.9
+        assert sample(f"{waits}_bucket", le="10.0") == len(sizes)
+        # and nothing is left noted for calls that were flushed
+        assert metrics.received_at == {}
     finally:
-        batch_flushed.disconnect(metrics.metrics.on_batch_flushed)
-        signals.worker_ready.disconnect(metrics.start_metrics_server)
+        batch_flushed.disconnect(metrics.on_batch_flushed)
+        for signal, receiver in (
+            (signals.task_received, metrics.on_task_received),
+            (signals.task_revoked, metrics.on_task_revoked),
+            (signals.worker_ready, metrics.start_metrics_server),
+        ):
+            signal.disconnect(receiver)
         if metrics.metrics_server is not None:
             metrics.metrics_server.shutdown()
             metrics.metrics_server.server_close()
+
+
+def test_metrics_forget_a_call_revoked_while_it_waits(load: Load) -> None:
+    # given the metrics receivers, and a call waiting in a buffer that
+    # flushes every 2 seconds
+    metrics = load("metrics")
+    example = load("getting_started")
+    try:
+        with example_worker(example.app, flush_interval=2) as flushes:
+            call = example.shout.delay("late")
+            wait_for(lambda: call.id in metrics.received_at, what="the call noted")
+            # when it is revoked before its batch is flushed
+            example.app.control.revoke(call.id)
+            # then the flush leaves it out, and the metrics forget it
+            wait_for(lambda: metrics.received_at == {}, what="the call forgotten")
+            assert call.state == states.REVOKED
+            assert flushes == []
+    finally:
+        batch_flushed.disconnect(metrics.on_batch_flushed)
+        for signal, receiver in (
+            (signals.task_received, metrics.on_task_received),
+            (signals.task_revoked, metrics.on_task_revoked),
+            (signals.worker_ready, metrics.start_metrics_server),
+        ):
+            signal.disconnect(receiver)
+
+
+def test_flower_sees_each_call_with_its_share_of_the_batch_runtime() -> None:
+    # given a batch task of 5 calls whose body takes half a second, on a
+    # worker that sends task events, and a receiver of them (as Flower is)
+    app = Celery("flower_runtime", set_as_current=False)
+    app.conf.worker_send_task_events = True
+
+    @app.task(base=Batches, flush_every=5, flush_interval=60, shared=False)
+    def slow(requests: list[SimpleRequest]) -> None:
+        time.sleep(0.5)
+
+    events: dict[str, dict[str, Any]] = {}
+    with example_worker(app), app.connection_for_read() as connection:
+        receiver = app.events.Receiver(
+            connection,
+            handlers={"task-succeeded": lambda e: events.update({e["uuid"]: e})},
+        )
+        # Its queue exists before the first call, so no event is missed.
+        receiver.queue(connection.default_channel).declare()
+        listening = threading.Thread(target=receiver.capture, daemon=True)
+        listening.start()
+        calls = [slow.delay(n) for n in range(5)]
+        try:
+            wait_for(lambda: len(events) == 5, what="5 task-succeeded events")
+        finally:
+            receiver.should_stop = True
+            listening.join(10)
+    # then each call is a task of its own, with its own id
+    assert set(events) == {call.id for call in calls}
+    # and its runtime is its share of the batch's: the same for each, and
+    # summed over the batch, the batch's run time once (not five times)
+    runtimes = [event["runtime"] for event in events.values()]
+    assert len(set(runtimes)) == 1
+    assert 0.5 <= sum(runtimes) < 1.25
 
 
 def test_inspect_reserved_lists_buffered_calls(load: Load) -> None:
