@@ -471,6 +471,28 @@ def test_inspect_active_lists_each_call_of_the_running_batch(load: Load) -> None
             release.set()
 
 
+# -- transports.rst ---------------------------------------------------------------
+
+
+def test_the_sqs_example_outlasts_the_longest_hold_of_a_call(load: Load) -> None:
+    # given the SQS example's task and transport options
+    example = load("transports")
+    task = example.index_documents
+    timeout = example.app.conf.broker_transport_options["visibility_timeout"]
+    # then a call held the longest the page says (its wait in the buffer,
+    # and with acks_late its batch's run) is acked before SQS hands its
+    # message to another consumer
+    assert task.acks_late
+    held = task.flush_interval + task.time_limit
+    assert timeout > held
+    # and the body is a batch body that runs
+    with example_worker(example.app, flush_interval=0.2):
+        for n in range(3):
+            task.delay(document=f"doc {n}")
+        wait_for(lambda: len(example.search_index.documents) == 3, what="3 docs")
+    assert sorted(example.search_index.documents) == ["doc 0", "doc 1", "doc 2"]
+
+
 # -- faq.rst: testing a batch body -------------------------------------------------
 
 
