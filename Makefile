@@ -17,7 +17,7 @@ SOAK_ARGS ?=
 # all are checked. The other benchmarks are not, yet.
 MYPY_TARGETS ?= celery_batches tests $(wildcard benchmarks/soak*.py)
 
-.PHONY: venv test demo lint docs bench soak clean
+.PHONY: venv test demo lint docs bench soak fresh-install clean
 
 venv: $(STAMP)
 
@@ -48,6 +48,11 @@ bench: venv
 
 soak: venv
 	$(PY) benchmarks/soak.py $(SOAK_ARGS)
+
+# Clean virtual environments of its own, not .venv: installs the checkout as
+# docs/getting-started.rst says and runs its example with real workers.
+fresh-install:
+	bash .ci/fresh-install
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info docs/_build .demo \

@@ -12,6 +12,7 @@ import doctest
 import sys
 import textwrap
 import threading
+import time
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -23,7 +24,6 @@ from celery import Celery, signals, states
 
 from celery_batches import Batches, SimpleRequest
 from celery_batches.signals import batch_flushed
-from celery_batches.testing import apply_batch
 from tests.conftest import (
     REDIS_BACKEND,
     ROOT,
@@ -110,26 +110,39 @@ def test_the_getting_started_session_runs_as_shown(
     assert (failed, tried) == (0, 5)
 
 
-def test_the_readme_example_is_the_getting_started_task(
+def test_the_readme_shows_the_getting_started_module_whole(
     load: Load, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # given the README's usage example
+    # given the README's usage example (the repository host renders no
+    # literalinclude, so the README carries its own copy)
     (block,) = code_blocks(ROOT / "README.rst", "python")
-    source = (EXAMPLES / "getting_started.py").read_text().splitlines()
-    # then each of its lines is a line of the tested getting-started module
-    missing = [line for line in block.splitlines() if line and line not in source]
-    assert missing == []
-    # and the block runs as it stands: its task batches and returns per call
-    namespace: dict[str, Any] = {"__name__": "readme_example"}
-    exec(compile(block, "README.rst", "exec"), namespace)
-    results = apply_batch(namespace["shout"], ["ada", "grace"])
-    assert [result.get() for result in results] == ["ADA", "GRACE"]
+    # then it is the tested getting-started module, every line of it
+    assert block == (EXAMPLES / "getting_started.py").read_text()
     # and the README's session gives the output shown, on a real worker
     example = load("getting_started")
     monkeypatch.setitem(sys.modules, "getting_started", example)
     (session,) = code_blocks(ROOT / "README.rst", "pycon")
     with example_worker(example.app, flush_interval=0.2):
-        assert run_session(session, "README.rst") == (0, 2)
+        assert run_session(session, "README.rst") == (0, 3)
+
+
+def test_getting_started_shows_the_module_whole() -> None:
+    # given the getting-started page
+    page = (DOCS / "getting-started.rst").read_text()
+    # then it includes the example module once, whole: no line range, no
+    # single object, so that what a reader copies runs as it stands
+    includes = [
+        line.split("::", 1)[1].strip()
+        for line in page.splitlines()
+        if line.startswith(".. literalinclude::")
+    ]
+    assert includes == ["examples/getting_started.py"]
+    directive = page.index(".. literalinclude:: examples/getting_started.py")
+    options = page[directive:].split("\n\n", 1)[0].splitlines()[1:]
+    assert [option.strip() for option in options] == [":language: python"]
+    # and the session it shows imports only what the module defines
+    (session,) = code_blocks(DOCS / "getting-started.rst", "pycon")
+    assert "from getting_started import send_words, shout" in session
 
 
 # -- per-request.rst --------------------------------------------------------------
@@ -281,46 +294,135 @@ def test_a_callable_batch_key_groups_by_mail_domain(load: Load) -> None:
 # -- monitoring.rst ---------------------------------------------------------------
 
 
-def test_metrics_count_flushes_by_reason_and_batch_sizes(load: Load) -> None:
-    # given the metrics receiver connected, serving on a free local port
+def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """GET /metrics and parse it as Prometheus does: {(sample, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://127.0.0.1:{port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        assert response.status == 200
+        text = response.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_count_flushes_by_reason_batch_sizes_and_waits(load: Load) -> None:
+    # given the metrics receivers connected, serving on a free local port
     metrics = load("metrics")
     metrics.METRICS_PORT = 0
     example = load("getting_started")
     name = example.shout.name
+    # Long enough that only the last 30 wait for it, however slowly a
+    # loaded machine publishes the first 200.
+    interval = 2
     try:
         metrics.start_metrics_server()
         server = metrics.metrics_server
         assert server is not None
-        with example_worker(example.app, flush_interval=2) as flushes:
+        with example_worker(example.app, flush_interval=interval) as flushes:
             # when 230 calls run: full batches of 100, the rest by interval
             example.send_words([f"w{i}" for i in range(230)])
             wait_for(lambda: flushed(flushes, name) == 230, what="230 calls flushed")
-        # then the counter has each flush by its reason
-        text = metrics.metrics.render()
+        # then a scrape of the real exposition counts each flush by reason
+        samples = scrape(server.server_address[1])
+
+        def sample(metric: str, **labels: str) -> float:
+            return samples[metric, frozenset({"task": name, **labels}.items())]
+
         reasons = Counter(f["reason"] for f in flushes if f["task"] == name)
         assert reasons["size"] >= 2 and reasons["interval"] >= 1
         for reason, count in reasons.items():
-            line = f'celery_batches_flushes_total{{task="{name}",reason="{reason}"}}'
-            assert f"{line} {count}\n" in text
-        # and the histogram has each batch in its buckets
+            assert sample("celery_batches_flushes_total", reason=reason) == count
+        # and the size histogram has each batch in its buckets
         sizes = [f["size"] for f in flushes if f["task"] == name]
         for bound in (50, 100):
-            line = f'celery_batches_batch_size_bucket{{task="{name}",le="{bound}"}}'
-            assert f"{line} {sum(size <= bound for size in sizes)}\n" in text
-        assert f'celery_batches_batch_size_sum{{task="{name}"}} 230\n' in text
-        assert (
-            f'celery_batches_batch_size_count{{task="{name}"}} {len(sizes)}\n' in text
-        )
-        # and /metrics serves the same text
-        port = server.server_address[1]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            assert r.read().decode() == metrics.metrics.render()
+            assert sample("celery_batches_batch_size_bucket", le=f"{bound}.0") == sum(
+                size <= bound for size in sizes
+            )
+        assert sample("celery_batches_batch_size_sum") == 230
+        assert sample("celery_batches_batch_size_count") == len(sizes)
+        # and the wait histogram has each batch's oldest call: those flushed
+        # by interval waited the interval at least, none near the 30 s bucket
+        waits = "celery_batches_oldest_wait_seconds"
+        assert sample(f"{waits}_count") == len(sizes)
+        assert sample(f"{waits}_sum") >= reasons["interval"] * interval * 0.9
+        assert sample(f"{waits}_bucket", le="10.0") == len(sizes)
+        # and nothing is left noted for calls that were flushed
+        assert metrics.received_at == {}
     finally:
-        batch_flushed.disconnect(metrics.metrics.on_batch_flushed)
-        signals.worker_ready.disconnect(metrics.start_metrics_server)
+        batch_flushed.disconnect(metrics.on_batch_flushed)
+        for signal, receiver in (
+            (signals.task_received, metrics.on_task_received),
+            (signals.task_revoked, metrics.on_task_revoked),
+            (signals.worker_ready, metrics.start_metrics_server),
+        ):
+            signal.disconnect(receiver)
         if metrics.metrics_server is not None:
             metrics.metrics_server.shutdown()
             metrics.metrics_server.server_close()
+
+
+def test_metrics_forget_a_call_revoked_while_it_waits(load: Load) -> None:
+    # given the metrics receivers, and a call waiting in a buffer that
+    # flushes every 2 seconds
+    metrics = load("metrics")
+    example = load("getting_started")
+    try:
+        with example_worker(example.app, flush_interval=2) as flushes:
+            call = example.shout.delay("late")
+            wait_for(lambda: call.id in metrics.received_at, what="the call noted")
+            # when it is revoked before its batch is flushed
+            example.app.control.revoke(call.id)
+            # then the flush leaves it out, and the metrics forget it
+            wait_for(lambda: metrics.received_at == {}, what="the call forgotten")
+            assert call.state == states.REVOKED
+            assert flushes == []
+    finally:
+        batch_flushed.disconnect(metrics.on_batch_flushed)
+        for signal, receiver in (
+            (signals.task_received, metrics.on_task_received),
+            (signals.task_revoked, metrics.on_task_revoked),
+            (signals.worker_ready, metrics.start_metrics_server),
+        ):
+            signal.disconnect(receiver)
+
+
+def test_flower_sees_each_call_with_its_share_of_the_batch_runtime() -> None:
+    # given a batch task of 5 calls whose body takes half a second, on a
+    # worker that sends task events, and a receiver of them (as Flower is)
+    app = Celery("flower_runtime", set_as_current=False)
+    app.conf.worker_send_task_events = True
+
+    @app.task(base=Batches, flush_every=5, flush_interval=60, shared=False)
+    def slow(requests: list[SimpleRequest]) -> None:
+        time.sleep(0.5)
+
+    events: dict[str, dict[str, Any]] = {}
+    with example_worker(app), app.connection_for_read() as connection:
+        receiver = app.events.Receiver(
+            connection,
+            handlers={"task-succeeded": lambda e: events.update({e["uuid"]: e})},
+        )
+        # Its queue exists before the first call, so no event is missed.
+        receiver.queue(connection.default_channel).declare()
+        listening = threading.Thread(target=receiver.capture, daemon=True)
+        listening.start()
+        calls = [slow.delay(n) for n in range(5)]
+        try:
+            wait_for(lambda: len(events) == 5, what="5 task-succeeded events")
+        finally:
+            receiver.should_stop = True
+            listening.join(10)
+    # then each call is a task of its own, with its own id
+    assert set(events) == {call.id for call in calls}
+    # and its runtime is its share of the batch's: the same for each, and
+    # summed over the batch, the batch's run time once (not five times)
+    runtimes = [event["runtime"] for event in events.values()]
+    assert len(set(runtimes)) == 1
+    assert 0.5 <= sum(runtimes) < 1.25
 
 
 def test_inspect_reserved_lists_buffered_calls(load: Load) -> None:
@@ -371,6 +473,28 @@ def test_inspect_active_lists_each_call_of_the_running_batch(load: Load) -> None
             wait_for(lambda: {c.id for c in calls} <= active(), what="active calls")
         finally:
             release.set()
+
+
+# -- transports.rst ---------------------------------------------------------------
+
+
+def test_the_sqs_example_outlasts_the_longest_hold_of_a_call(load: Load) -> None:
+    # given the SQS example's task and transport options
+    example = load("transports")
+    task = example.index_documents
+    timeout = example.app.conf.broker_transport_options["visibility_timeout"]
+    # then a call held the longest the page says (its wait in the buffer,
+    # and with acks_late its batch's run) is acked before SQS hands its
+    # message to another consumer
+    assert task.acks_late
+    held = task.flush_interval + task.time_limit
+    assert timeout > held
+    # and the body is a batch body that runs
+    with example_worker(example.app, flush_interval=0.2):
+        for n in range(3):
+            task.delay(document=f"doc {n}")
+        wait_for(lambda: len(example.search_index.documents) == 3, what="3 docs")
+    assert sorted(example.search_index.documents) == ["doc 0", "doc 1", "doc 2"]
 
 
 # -- faq.rst: testing a batch body -------------------------------------------------
