@@ -273,6 +273,11 @@ def test_a_soft_shutdown_gives_buffered_calls_back_to_run_once_elsewhere(
         assert "Initiating Soft Shutdown" in first.log()
         assert run_counts(first, ids) == dict.fromkeys(ids, 0)
         second = start_subprocess_worker(broker, "prefork", journal, queue=first.queue)
+        # (each delivery is one "received" line: five to each worker)
+        wait_for(
+            lambda: Counter(second.journal.ids("received")) == dict.fromkeys(ids, 2),
+            what="the second worker to receive the five calls",
+        )
         assert exit_code(second) == 0, second.log()
         assert run_counts(second, ids) == dict.fromkeys(ids, 1)
         assert states(second, ids) == ["SUCCESS"] * 5
