@@ -13,9 +13,9 @@ DEMO_ARGS ?=
 BENCH_ARGS ?=
 # e.g. SOAK_ARGS="--broker redis --duration 60"; by default both brokers, 120 s each.
 SOAK_ARGS ?=
-# The tests and the soak have their own, laxer mypy settings (pyproject.toml);
-# all are checked. The other benchmarks are not, yet.
-MYPY_TARGETS ?= celery_batches tests $(wildcard benchmarks/soak*.py)
+# The tests, the demo and the soak have their own, laxer mypy settings
+# (pyproject.toml); all are checked. The other benchmarks are not, yet.
+MYPY_TARGETS ?= celery_batches tests demo.py $(wildcard benchmarks/soak*.py)
 
 .PHONY: venv test demo lint docs bench soak fresh-install clean
 
@@ -25,7 +25,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -e '.[test,lint,docs,bench]'
+	$(PY) -m pip install -e '.[test,lint,docs,bench,demo]'
 	touch $@
 
 test: venv
