@@ -59,6 +59,7 @@ from .celery import (
 from .kombu import (
     cancel_timer_entry,
     narrow_prefetch,
+    redis_channel_class,
     redis_forget_delivered,
     redis_group_ackable,
     redis_remove_from_unacked,
@@ -74,6 +75,7 @@ __all__ = [
     "narrow_prefetch",
     "needs_revoke_check",
     "per_consumer_qos",
+    "redis_channel_class",
     "redis_forget_delivered",
     "redis_group_ackable",
     "redis_remove_from_unacked",
