@@ -4,9 +4,9 @@ The shared servers on 127.0.0.1:6379 and :5672 serve other test runs too, so
 a test that restarts its broker (or needs a short Redis visibility timeout,
 which acts on every unacked message of a database) gets a Redis server and a
 RabbitMQ node of its own, on free ports, started on first use and stopped at
-the end of the session (the servers themselves are in ``tests/servers.py``,
-which the soak shares). Without the binaries those tests skip, and under CI
-(``CI=true``) they fail.
+the end of the session (the servers themselves are in
+``tests/harness/servers.py``, which the soak shares). Without the binaries
+those tests skip, and under CI (``CI=true``) they fail.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from tests.conftest import (
     start_subprocess_worker,
     stop_subprocess_worker,
 )
-from tests.servers import (
+from tests.harness.servers import (
     MissingBinary,
     RabbitNode,
     RedisServer,

@@ -1,0 +1,1 @@
+"""What the integration and fault tests share to run real workers on real brokers."""
