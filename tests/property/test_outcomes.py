@@ -261,7 +261,8 @@ def storable(task: Any, value: Any) -> bool:
     """Whether the result serializer of ``task``'s backend can encode ``value``."""
     try:
         task.backend.encode(value)
-    except Exception:
+    # Whatever the serializer raises, the answer is the same: not storable.
+    except Exception:  # noqa: BLE001
         return False
     return True
 
