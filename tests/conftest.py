@@ -21,7 +21,10 @@ def worker(request: pytest.FixtureRequest) -> Iterator[Worker]:
 
 @pytest.fixture(params=[1, 2], ids=["proto1", "proto2"])
 def protocol(request: pytest.FixtureRequest, worker: Worker) -> Iterator[int]:
-    """Send the test's calls with task protocol 1, then 2."""
+    """Send the test's calls with task protocol 1, then 2.
+
+    For the tests where decoding matters; the others send protocol 2 only.
+    """
     amqp = worker.app.amqp
     previous = worker.app.conf.task_protocol
     # Celery picks the message format once per app (a cached property of

@@ -9,32 +9,29 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
 from kombu.utils.uuid import uuid
 
 from tests.harness.client import RawMessage
 from tests.harness.journal import Failure, PlainRun, Postrun, Run
-from tests.harness.params import CELERY_VERSION
+from tests.harness.params import CELERY_VERSION, shared_workers
 from tests.harness.wait import wait_for
 from tests.harness.worker import Worker, WorkerExited, Workers, start_worker
 
 pytestmark = pytest.mark.fault
 
-SHARED = [("memory", "threads"), ("redis", "prefork"), ("rabbitmq", "prefork")]
-
-
-@pytest.fixture(scope="module", params=SHARED, ids=["-".join(w) for w in SHARED])
-def worker(request: pytest.FixtureRequest) -> Iterator[Worker]:
-    """One worker per broker for the tests that need no worker of their own."""
-    with start_worker(*request.param) as shared:
-        yield shared
+#: The shared workers (tests/conftest.py) the tests that need no worker of
+#: their own run on: one per broker.
+on_shared_workers = shared_workers(
+    "memory-threads", "redis-prefork", "rabbitmq-prefork"
+)
 
 
 # -- 1. an unhashable batch key --------------------------------------------
 
 
+@on_shared_workers
 def test_an_unhashable_batch_key_fails_only_its_call(worker: Worker) -> None:
     # given a task batched by its tenant keyword, and a call whose tenant
     # is a list among good calls
@@ -56,6 +53,7 @@ def test_an_unhashable_batch_key_fails_only_its_call(worker: Worker) -> None:
 # -- 2. an options part that is not a mapping --------------------------------
 
 
+@on_shared_workers
 @pytest.mark.parametrize("task", ["sized", "collect"])
 def test_a_body_whose_options_part_is_not_a_mapping_is_rejected_on_arrival(
     worker: Worker, task: str
@@ -129,6 +127,7 @@ def test_a_worker_with_an_invalid_annotated_setting_refuses_to_start() -> None:
 # -- 5. per-request values that cannot be stored --------------------------------
 
 
+@on_shared_workers
 def test_a_result_the_serializer_refuses_fails_only_its_call(worker: Worker) -> None:
     # given a per_request_results batch whose body returns a set (which JSON
     # cannot encode) for one call and strings for the others
@@ -144,6 +143,7 @@ def test_a_result_the_serializer_refuses_fails_only_its_call(worker: Worker) -> 
     assert worker.alive()
 
 
+@on_shared_workers
 def test_a_link_that_cannot_be_sent_fails_only_its_call(worker: Worker) -> None:
     # given a call whose link callback cannot be sent (its countdown is not
     # a number), batched with good calls
@@ -161,6 +161,7 @@ def test_a_link_that_cannot_be_sent_fails_only_its_call(worker: Worker) -> None:
 # -- 6. revoke by stamped headers ------------------------------------------------
 
 
+@on_shared_workers
 @pytest.mark.skipif(
     CELERY_VERSION < (5, 3), reason="revoke_by_stamped_headers is new in Celery 5.3"
 )
@@ -189,6 +190,7 @@ def test_calls_revoked_by_stamped_header_while_buffered_never_run(
 # -- 7. retry(throw=False) ----------------------------------------------------------
 
 
+@on_shared_workers
 def test_retry_without_throwing_sends_the_calls_again(worker: Worker) -> None:
     # given a body that calls self.retry(countdown=0.2, throw=False) for
     # calls on their first run, then settles them on the retry
@@ -295,6 +297,7 @@ def test_a_huge_flush_every_does_not_unbound_the_prefetch_window(
 # -- 10. a body that settled everything and returns None --------------------------
 
 
+@on_shared_workers
 def test_a_body_that_settled_every_call_and_returns_none_succeeds(
     worker: Worker,
 ) -> None:

@@ -9,9 +9,7 @@ from tests.harness.wait import wait_for
 from tests.harness.worker import Worker
 
 
-def test_full_batches_flush_by_size_and_store_each_result(
-    worker: Worker, protocol: int
-) -> None:
+def test_full_batches_flush_by_size_and_store_each_result(worker: Worker) -> None:
     # given a batch task with flush_every=5 and an interval too long to matter
     task = worker.tasks.sized
     # when ten calls are sent
@@ -35,7 +33,7 @@ def test_interval_flushes_a_partial_batch(worker: Worker, protocol: int) -> None
     assert sizes == {3}
 
 
-def test_failing_batch_fails_every_request(worker: Worker, protocol: int) -> None:
+def test_failing_batch_fails_every_request(worker: Worker) -> None:
     task = worker.tasks.boom
     results = [task.delay(i) for i in range(3)]
     for r in results:
@@ -48,7 +46,7 @@ def test_failing_batch_fails_every_request(worker: Worker, protocol: int) -> Non
     )
 
 
-def test_body_settles_each_request(worker: Worker, protocol: int) -> None:
+def test_body_settles_each_request(worker: Worker) -> None:
     task = worker.tasks.settle
     results = [task.delay(i) for i in range(4)]
     for i, r in enumerate(results):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from tests.harness.worker import Worker
 
 
-def test_the_documented_retry_pattern_works(worker: Worker, protocol: int) -> None:
+def test_the_documented_retry_pattern_works(worker: Worker) -> None:
     # given a body that re-sends each call once with the same id and a
     # countdown, then stores its result via app.backend.mark_as_done
     task = worker.tasks.documented

@@ -27,9 +27,7 @@ def test_request_retry_runs_the_call_again_with_the_same_id(
     wait_for(lambda: result.id in worker.journal.ids(Retried), what="task_retry")
 
 
-def test_retry_past_max_retries_fails_the_request(
-    worker: Worker, protocol: int
-) -> None:
+def test_retry_past_max_retries_fails_the_request(worker: Worker) -> None:
     task = worker.tasks.retrying
     # given a call that retries more often than max_retries=2 allows
     result = task.delay(5)
@@ -61,7 +59,7 @@ def test_countdown_holds_the_call_until_it_is_due(
     assert worker.runs(result.id) == 1
 
 
-def test_acks_late_batches_store_results(worker: Worker, protocol: int) -> None:
+def test_acks_late_batches_store_results(worker: Worker) -> None:
     task = worker.tasks.late
     results = [task.delay(i) for i in range(7)]
     assert [r.get(timeout=20) for r in results] == list(range(7))
@@ -85,7 +83,7 @@ def test_chord_counts_each_batched_member(worker: Worker, protocol: int) -> None
     assert result.get(timeout=30) == sum(range(7))
 
 
-def test_plain_batches_leave_results_to_the_body(worker: Worker, protocol: int) -> None:
+def test_plain_batches_leave_results_to_the_body(worker: Worker) -> None:
     # Without per_request_results, the original behaviour: the return value
     # reaches task_success only; the calls' own results stay PENDING.
     task = worker.tasks.plain
