@@ -66,7 +66,6 @@ class Tasks:
     fault_soft: Batches
     fault_long: Batches
     fault_plain_late: Task
-    fifty: Batches
     # The attack suite's (tests/fault/test_attack.py).
     attack_drain: Batches
     attack_drain_early: Batches
@@ -287,12 +286,6 @@ def register_tasks(app: Celery, journal: Journal, gate: str) -> Tasks:  # noqa: 
         for r in requests:
             journal.write(Timed(id=r.id, at=now))
         return [r.args[0] for r in requests]
-
-    @batch(flush_every=50, flush_interval=5, ignore_result=True)
-    def fifty(requests: list[SimpleRequest]) -> None:
-        # A backlog task: batches that fill only if the broker delivers
-        # 50 calls while they wait unacked.
-        record(requests)
 
     @batch(flush_every=50_000, flush_interval=5, ignore_result=True)
     def huge(requests: list[SimpleRequest]) -> None:

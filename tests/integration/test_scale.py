@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import statistics
 from collections import Counter
 
 import pytest
 from celery import Task
 
 from tests.harness.journal import Batch, Run
+from tests.harness.params import QUEUE_KINDS, queue_kind
 from tests.harness.wait import wait_for
 from tests.harness.worker import Workers
 
@@ -33,13 +35,17 @@ def test_two_workers_share_one_queue_and_run_each_call_once(
     assert max(run.size for run in runs) == 5
 
 
-@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+@pytest.mark.parametrize(
+    "kind", [queue_kind(k) for k in ("redis", "rabbitmq-classic", "rabbitmq-quorum")]
+)
 def test_two_batch_tasks_fill_full_batches_at_default_prefetch(
-    workers: Workers, broker: str
+    workers: Workers, kind: str
 ) -> None:
-    # Celery's default prefetch: multiplier 4 on two processes.
-    worker = workers.start(broker, "prefork", concurrency=2)
-    # given a backlog of two batch tasks, interleaved, at default settings
+    # given a prefork worker of two processes at Celery's default prefetch
+    # (multiplier 4), and a backlog of two batch tasks with flush_every=100,
+    # interleaved: on a quorum queue, with per-consumer QoS
+    broker, conf = QUEUE_KINDS[kind]
+    worker = workers.start(broker, "prefork", concurrency=2, conf=conf)
     big, big2 = worker.tasks.big, worker.tasks.big2
     for _ in range(300):
         big.delay()
@@ -48,9 +54,11 @@ def test_two_batch_tasks_fill_full_batches_at_default_prefetch(
     def sizes(task: Task) -> list[int]:
         return [b.size for b in worker.journal.records(Batch) if b.task == task.name]
 
-    # then both drain, in batches that fill to flush_every, neither starving
+    # when both have drained
     wait_for(lambda: sum(sizes(big)) >= 300, timeout=60, what="tests.big done")
     wait_for(lambda: sum(sizes(big2)) >= 300, timeout=60, what="tests.big2 done")
-    assert sum(sizes(big)) == 300 and sum(sizes(big2)) == 300
+    # then both ran in batches that fill to flush_every, neither starving
     for task in (big, big2):
+        assert sum(sizes(task)) == 300
         assert sum(sizes(task)) / len(sizes(task)) >= 90, sizes(task)
+        assert statistics.median(sizes(task)) == 100, sizes(task)
