@@ -20,7 +20,7 @@ from kombu.utils.uuid import uuid
 from vine import promise
 
 from celery_batches.acks import ack_together, install_group_acks
-from tests.conftest import AMQP_URL, REDIS_URL, require_server
+from tests.harness.brokers import AMQP_URL, REDIS_URL, require_server
 
 URLS = {"rabbitmq": AMQP_URL, "redis": REDIS_URL}
 

@@ -27,7 +27,9 @@ from typing import Any
 import pytest
 from kombu.utils.uuid import uuid
 
-from tests.conftest import QUIET_STEPS, REDIS_URL, ROOT, require_server, wait_for
+from tests.harness.brokers import REDIS_URL, ROOT, require_server
+from tests.harness.wait import wait_for
+from tests.harness.worker import QUIET_STEPS
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 

@@ -21,7 +21,9 @@ from celery.result import AsyncResult
 
 from celery_batches import Batches, SimpleRequest
 from celery_batches.testing import apply_batch
-from tests.conftest import ROOT, example_worker, wait_for
+from tests.harness.brokers import ROOT
+from tests.harness.wait import wait_for
+from tests.harness.worker import start_worker
 
 
 def traced(integration: str) -> dict[str, Any]:
@@ -113,7 +115,9 @@ def waiting_app() -> Iterator[Celery]:
 def test_inspect_batches_shows_what_waits_per_task_and_key(waiting_app: Celery) -> None:
     # given a worker holding calls of two tenants in their buffers
     app = waiting_app
-    with example_worker(app, pool="solo", flush_interval=60) as flushes:
+    with start_worker(
+        app=app, pool="solo", batch_options={"flush_interval": 60}
+    ) as worker:
         task = app.tasks["inspected.tenants"]
         for tenant, count in (("acme", 3), ("globex", 2)):
             for n in range(count):
@@ -130,6 +134,7 @@ def test_inspect_batches_shows_what_waits_per_task_and_key(waiting_app: Celery) 
 
         # when asked what it holds (celery -A app inspect batches)
         state = wait_for(report, what="five calls waiting")
+    assert state is not None
     # then it shows each key's calls, how long they waited, the next flush
     tenants = state["tasks"]["inspected.tenants"]
     keys = {entry["key"]: entry for entry in tenants["keys"]}
@@ -143,7 +148,7 @@ def test_inspect_batches_shows_what_waits_per_task_and_key(waiting_app: Celery) 
     assert tenants["flush_every"] == 50 and tenants["flush_interval"] == 60
     # and the prefetch budget the worker has
     assert state["prefetch"]["limit"] == 10_000
-    assert flushes == []
+    assert worker.flushes() == []
 
 
 # -- eager calls ---------------------------------------------------------------

@@ -261,6 +261,7 @@ def storable(task: Any, value: Any) -> bool:
     """Whether the result serializer of ``task``'s backend can encode ``value``."""
     try:
         task.backend.encode(value)
+    # Whatever the serializer raises, the answer is the same: not storable.
     except Exception:
         return False
     return True
