@@ -87,7 +87,14 @@ def test_restart_after_warm_shutdown_runs_each_call_exactly_once(
     def all_ready() -> bool:
         return all(s in {"SUCCESS", "FAILURE"} for s in second.states(ids))
 
-    wait_for(all_ready, timeout=40, what="every call to be stored")
+    def explain() -> str:
+        return (
+            f"states: {dict(zip(ids, second.states(ids)))}\n"
+            f"first worker:\n{first.log()[-4000:]}\n"
+            f"second worker:\n{second.log()[-4000:]}"
+        )
+
+    wait_for(all_ready, timeout=40, what="every call to be stored", explain=explain)
     assert second.states(ids) == ["SUCCESS"] * 8
     assert second.run_counts(ids) == dict.fromkeys(ids, 1)
     runs_by_id = {run.id: run.pid for run in second.journal.records(Run)}

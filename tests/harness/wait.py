@@ -16,12 +16,14 @@ def wait_for(
     timeout: float = 20.0,
     interval: float = 0.05,
     what: str = "condition",
+    explain: Callable[[], str] | None = None,
 ) -> T:
     """Poll ``predicate`` until it returns something truthy, and return that.
 
     Raises:
         AssertionError: ``timeout`` seconds passed first; the message names
-            ``what`` was awaited.
+            ``what`` was awaited, and then what ``explain()`` returns (the
+            state a test needs to diagnose a timeout seen once in CI).
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -29,5 +31,8 @@ def wait_for(
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            message = f"timed out after {timeout}s waiting for {what}"
+            if explain is not None:
+                message = f"{message}\n{explain()}"
+            raise AssertionError(message)
         time.sleep(interval)
