@@ -178,15 +178,18 @@ class SettledTags:
 class GroupAcker:
     """Acks several messages of one channel with fewer round trips."""
 
-    __slots__ = ("_lock", "_pending", "call_soon", "connection_errors")
+    __slots__ = ("_lock", "_pending", "after_send", "call_soon", "connection_errors")
 
     def __init__(
         self,
         call_soon: Callable[[Callable[[], Any]], Any],
         connection_errors: tuple[type[BaseException], ...] = (),
+        after_send: Callable[[], Any] | None = None,
     ) -> None:
         #: Runs a callback in the consumer's thread, as Celery runs its acks.
         self.call_soon = call_soon
+        #: Runs after each scheduled ack (see ``ticks_after_ready_callbacks``).
+        self.after_send = after_send
         #: What a lost connection raises: logged, not raised, as kombu does.
         self.connection_errors = connection_errors
         #: Messages waiting for the scheduled ack, or None if none is.
@@ -218,8 +221,12 @@ class GroupAcker:
     def _send_pending(self) -> None:
         with self._lock:
             messages, self._pending = self._pending or [], None
-        if messages:
-            self.ack(messages)
+        try:
+            if messages:
+                self.ack(messages)
+        finally:
+            if self.after_send is not None:
+                self.after_send()
 
     @property
     def usable(self) -> bool:
@@ -320,14 +327,17 @@ class RedisAcker(GroupAcker):
             redis_forget_delivered(qos, tag)
 
 
-def install_group_acks(channel: Any, consumer: Consumer) -> GroupAcker | None:
+def install_group_acks(
+    channel: Any, consumer: Consumer, after_send: Callable[[], Any] | None = None
+) -> GroupAcker | None:
     """Let batches of ``channel``'s messages be acked together; return how.
 
     Returns ``None`` (and leaves the channel alone) for transports whose
     acks stay Celery's. On RabbitMQ this must run before the channel
     delivers anything: a tag settled before the ledger exists counts as
     unsettled for ever, which is safe but keeps every batch on that
-    channel to one frame per message.
+    channel to one frame per message. ``after_send`` runs in the
+    consumer's thread after each group of acks went out.
     """
     acker: GroupAcker | None = getattr(channel, ACKER_ATTRIBUTE, None)
     if acker is not None:
@@ -335,9 +345,9 @@ def install_group_acks(channel: Any, consumer: Consumer) -> GroupAcker | None:
     call_soon = getattr(consumer, "call_soon_ack", None) or consumer.call_soon
     errors = tuple(consumer.connection_errors)
     if _is_amqp(channel):
-        acker = AMQPAcker(_track_settlements(channel), call_soon, errors)
+        acker = AMQPAcker(_track_settlements(channel), call_soon, errors, after_send)
     elif _is_redis(channel):
-        acker = RedisAcker(call_soon, errors)
+        acker = RedisAcker(call_soon, errors, after_send)
     else:
         return None
     setattr(channel, ACKER_ATTRIBUTE, acker)

@@ -11,7 +11,11 @@ from celery.exceptions import InvalidTaskError, WorkerTerminate
 from celery.utils.log import get_logger
 from celery.worker import state as worker_state
 
-from ._compat import survive_collected_redis_transport, wake_hub_with_pending_callbacks
+from ._compat import (
+    survive_collected_redis_transport,
+    ticks_after_ready_callbacks,
+    wake_hub_with_pending_callbacks,
+)
 from .acks import install_group_acks
 from .collector import collectors_of
 from .control import batches as _register_inspect_batches  # noqa: F401
@@ -104,13 +108,14 @@ class BatchesStep(bootsteps.StartStopStep):  # type: ignore[misc]
         # event loop delivers anything on its channel (again after every
         # reconnect, on the new channel).
         task_consumer = getattr(c, "task_consumer", None)
+        hub = getattr(c, "hub", None)
         if task_consumer is not None:
-            install_group_acks(task_consumer.channel, c)
+            after_acks = None if hub is None else ticks_after_ready_callbacks(hub)
+            install_group_acks(task_consumer.channel, c, after_acks)
             survive_collected_redis_transport(task_consumer.channel)
             task_consumer.on_decode_error = _rejecting_poison(
                 c, task_consumer.on_decode_error
             )
-        hub = getattr(c, "hub", None)
         if hub is not None and self._tick is None:
             self._tick = wake_hub_with_pending_callbacks(
                 hub, lambda: getattr(c, "qos", None)

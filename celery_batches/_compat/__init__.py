@@ -64,6 +64,7 @@ from .kombu import (
     redis_group_ackable,
     redis_remove_from_unacked,
     survive_collected_redis_transport,
+    ticks_after_ready_callbacks,
     wake_hub_with_pending_callbacks,
 )
 
@@ -82,5 +83,6 @@ __all__ = [
     "request_context",
     "request_context_or_none",
     "survive_collected_redis_transport",
+    "ticks_after_ready_callbacks",
     "wake_hub_with_pending_callbacks",
 ]

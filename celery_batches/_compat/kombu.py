@@ -18,6 +18,7 @@ __all__ = [
     "redis_group_ackable",
     "redis_remove_from_unacked",
     "survive_collected_redis_transport",
+    "ticks_after_ready_callbacks",
     "wake_hub_with_pending_callbacks",
 ]
 
@@ -64,6 +65,32 @@ def wake_hub_with_pending_callbacks(
             waker.wake()
 
     return tick
+
+
+def ticks_after_ready_callbacks(hub: Any) -> Callable[[], None] | None:
+    """Return a callable that runs ``hub``'s tick callbacks again, if it must.
+
+    Kombu 5.2's event loop runs its tick callbacks, then its ready
+    callbacks, then polls until the next timer. A ready callback that frees
+    the prefetch window (the acks of a batch run by the solo pool) comes
+    too late for the Redis transport's tick, which sends the next ``BRPOP``
+    only while the window has room: the loop then sleeps until the next
+    timer, up to a whole ``flush_interval``, with messages waiting. Running
+    the ticks again after such a callback sends that ``BRPOP``; the ticks
+    are made to run on every turn of the loop, so once more does no harm.
+    Kombu 5.3 and newer run ready callbacks first: ``None``.
+    """
+    import kombu
+
+    if tuple(kombu.VERSION[:2]) >= (5, 3):
+        return None
+
+    def run_ticks() -> None:
+        # A copy: a transport removes its tick when its connection closes.
+        for tick in list(hub.on_tick):
+            tick()
+
+    return run_ticks
 
 
 def cancel_timer_entry(timer: Any, entry: Any) -> None:

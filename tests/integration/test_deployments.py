@@ -77,7 +77,20 @@ def test_a_deep_queue_runs_every_call_once_in_full_batches(
     def all_ran() -> bool:
         return len(set(worker.journal.ids(Run))) >= CALLS
 
-    wait_for(all_ran, timeout=DEADLINE, interval=0.2, what=f"{CALLS} calls to run")
+    def explain() -> str:
+        sizes = [flush.size for flush in worker.flushes(task)]
+        ran = len(set(worker.journal.ids(Run)))
+        # The worker's log without its thousands of "received" lines.
+        lines = [x for x in worker.log().splitlines() if "] received" not in x]
+        return f"{ran} ran, batches {sizes}\n" + "\n".join(lines[-40:])
+
+    wait_for(
+        all_ran,
+        timeout=DEADLINE,
+        interval=0.2,
+        what=f"{CALLS} calls to run",
+        explain=explain,
+    )
     assert worker.run_counts(ids) == dict.fromkeys(ids, 1)
     sizes = [flush.size for flush in worker.flushes(task)]
     assert sum(sizes) == CALLS

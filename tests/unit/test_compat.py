@@ -9,7 +9,10 @@ import kombu
 from celery import Celery
 from kombu.asynchronous import Hub
 
-from celery_batches._compat import wake_hub_with_pending_callbacks
+from celery_batches._compat import (
+    ticks_after_ready_callbacks,
+    wake_hub_with_pending_callbacks,
+)
 
 
 def test_no_tick_for_a_hub_without_a_waker() -> None:
@@ -25,6 +28,30 @@ def test_the_tick_never_fails_on_this_kombus_hub() -> None:
         if tick is not None:
             hub.call_soon(lambda: None)
             tick()  # wakes the waker if there is one; must not raise
+    finally:
+        hub.close()
+
+
+def test_ticks_run_again_after_ready_callbacks_only_on_kombu_5_2() -> None:
+    # Kombu 5.2's loop runs its ticks before its ready callbacks, so a
+    # ready callback that frees the prefetch window must run the ticks again
+    # (the Redis transport sends its next BRPOP from one); later Kombu runs
+    # ready callbacks first.
+    hub = Hub()
+    try:
+        order: list[str] = []
+        hub.on_tick.add(lambda: order.append("tick"))
+        hub.call_soon(lambda: order.append("ready"))
+        next(hub.create_loop())
+        again = ticks_after_ready_callbacks(hub)
+        if KOMBU >= (5, 3):
+            assert order[:2] == ["ready", "tick"]
+            assert again is None
+        else:
+            assert order[:2] == ["tick", "ready"]
+            assert again is not None
+            again()
+            assert order[2:] == ["tick"]
     finally:
         hub.close()
 
