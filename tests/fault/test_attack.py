@@ -11,12 +11,14 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from celery import Celery
 from kombu.utils.uuid import uuid
 
+from celery_batches import Batches, SimpleRequest
 from tests.harness.client import RawMessage
 from tests.harness.journal import Failure, Received
 from tests.harness.wait import wait_for
-from tests.harness.worker import Worker, Workers
+from tests.harness.worker import Worker, Workers, start_worker
 
 pytestmark = pytest.mark.fault
 
@@ -389,3 +391,72 @@ def test_calls_held_for_their_eta_do_not_stop_the_worker_receiving(
         # A warm shutdown gives the held calls back to the queue, which the
         # fixture deletes: none is left in the shared server's unacked index.
         worker.exit()
+
+
+# -- 11. a batch key whose repr raises -------------------------------------------
+
+
+class Unprintable:
+    """A batch key that hashes and compares, but whose repr raises."""
+
+    def __init__(self, tenant: str) -> None:
+        self.tenant = tenant
+
+    def __hash__(self) -> int:
+        return hash(self.tenant)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Unprintable) and other.tenant == self.tenant
+
+    def __repr__(self) -> str:
+        raise RuntimeError("not printable")
+
+
+def test_inspect_batches_answers_while_a_key_cannot_be_printed() -> None:
+    # given a worker holding calls of a task keyed by an object whose repr
+    # raises (batch_key may return any hashable), and calls of a plain key
+    app = Celery("attack.unprintable", set_as_current=False)
+
+    def key_of(request: SimpleRequest) -> object:
+        tenant = request.kwargs["tenant"]
+        return Unprintable(tenant) if tenant == "odd" else tenant
+
+    @app.task(
+        base=Batches,
+        name="attack.unprintable",
+        flush_every=50,
+        flush_interval=60,
+        batch_key=key_of,
+        shared=False,
+    )
+    def unprintable(requests: list[SimpleRequest]) -> None:
+        pass
+
+    try:
+        with start_worker(
+            app=app, pool="solo", batch_options={"flush_interval": 60}
+        ) as worker:
+            unprintable.delay(tenant="odd")
+            unprintable.delay(tenant="even")
+
+            def report() -> dict[str, Any] | None:
+                replies = app.control.broadcast("batches", reply=True, timeout=1)
+                for reply in replies or []:
+                    (state,) = reply.values()
+                    waiting = state.get("tasks", {}).get("attack.unprintable", {})
+                    if waiting.get("waiting") == 2:
+                        return state  # type: ignore[no-any-return]
+                return None
+
+            # when asked what it holds (celery inspect batches)
+            state = wait_for(report, timeout=10, what="an answer counting both calls")
+            assert worker.flushes() == []
+    finally:
+        app.close()
+    assert state is not None
+    # then it answers, showing each key; the one that cannot be printed as
+    # a placeholder naming its type, as the reply has to carry something
+    keys = [entry["key"] for entry in state["tasks"]["attack.unprintable"]["keys"]]
+    assert "even" in keys
+    (odd,) = [key for key in keys if key != "even"]
+    assert isinstance(odd, str) and "Unprintable" in odd
