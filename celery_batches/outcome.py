@@ -375,8 +375,8 @@ class BatchOutcomes:
             "name": request.name,
             "exc": saferepr(exc),
             "traceback": einfo.traceback,
-            "args": saferepr(request.args),
-            "kwargs": saferepr(request.kwargs),
+            "args": _args_repr(request),
+            "kwargs": _kwargs_repr(request),
             "description": policy.description,
             "internal": einfo.internal,
         }
@@ -402,8 +402,8 @@ class BatchOutcomes:
                 "name": request.name,
                 "return_value": saferepr(settlement[1], maxsize),
                 "runtime": runtime,
-                "args": saferepr(request.args),
-                "kwargs": saferepr(request.kwargs),
+                "args": _args_repr(request),
+                "kwargs": _kwargs_repr(request),
             }
             task_logger.info(LOG_SUCCESS.strip(), context, extra={"data": context})
 
@@ -535,6 +535,19 @@ def _pair(
         "a sequence of one value per request, in order, or a mapping of "
         "request.id to value"
     )
+
+
+def _args_repr(request: SimpleRequest) -> str:
+    # As Celery's tracer: the argsrepr the call was sent with first, which
+    # may hide what the arguments hold (Celery's documented way to keep
+    # secrets out of logs and error trackers).
+    shown = request.request_dict.get("argsrepr")
+    return shown if isinstance(shown, str) and shown else saferepr(request.args)
+
+
+def _kwargs_repr(request: SimpleRequest) -> str:
+    shown = request.request_dict.get("kwargsrepr")
+    return shown if isinstance(shown, str) and shown else saferepr(request.kwargs)
 
 
 def _default_delay(task: Task, retries: int) -> float:

@@ -8,6 +8,7 @@ failed before its fix.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
@@ -460,3 +461,70 @@ def test_inspect_batches_answers_while_a_key_cannot_be_printed() -> None:
     assert "even" in keys
     (odd,) = [key for key in keys if key != "even"]
     assert isinstance(odd, str) and "Unprintable" in odd
+
+
+# -- 12. arguments hidden with argsrepr ---------------------------------------
+
+
+class Keeping(logging.Handler):
+    """A log handler that keeps every record it is given."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__(level)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_the_calls_log_lines_keep_arguments_hidden_with_argsrepr() -> None:
+    # given a worker running a per_request_results task, and a handler on
+    # celery_batches.calls as an error tracker's logging integration has
+    app = Celery("attack.hidden", set_as_current=False)
+
+    @app.task(
+        base=Batches,
+        name="attack.hidden",
+        flush_every=2,
+        flush_interval=0.3,
+        per_request_results=True,
+        shared=False,
+    )
+    def hidden(requests: list[SimpleRequest]) -> list[Any]:
+        return [ValueError("no") if r.kwargs.get("fail") else 1 for r in requests]
+
+    handler = Keeping(logging.INFO)
+    records = handler.records
+    calls_logger = logging.getLogger("celery_batches.calls")
+    level = calls_logger.level
+    calls_logger.addHandler(handler)
+    calls_logger.setLevel(logging.INFO)
+    try:
+        with start_worker(app=app, pool="solo"):
+            # when two calls are sent with their secrets hidden as Celery
+            # documents it, with argsrepr and kwargsrepr; one of them fails
+            results = [
+                hidden.apply_async(
+                    ("hunter2",),
+                    {"token": "hunter2", "fail": fail},
+                    argsrepr="('<hidden>',)",
+                    kwargsrepr="{'token': '<hidden>'}",
+                )
+                for fail in (False, True)
+            ]
+            wait_for(
+                lambda: [r.state for r in results] == ["SUCCESS", "FAILURE"],
+                what="one call to succeed and one to fail",
+            )
+            wait_for(lambda: len(records) >= 2, what="both calls' log lines")
+    finally:
+        calls_logger.removeHandler(handler)
+        calls_logger.setLevel(level)
+        app.close()
+    # then, as in a plain task's lines, each call's line carries the
+    # argsrepr and kwargsrepr it was sent with, never the secret
+    data = [record.__dict__["data"] for record in records]
+    assert [(d["args"], d["kwargs"]) for d in data] == [
+        ("('<hidden>',)", "{'token': '<hidden>'}")
+    ] * 2
+    assert not [d for d in data if "hunter2" in repr(d)]
