@@ -26,6 +26,7 @@ from celery.utils.log import get_logger
 from celery.utils.saferepr import saferepr
 from celery.utils.serialization import get_pickleable_etype, get_pickleable_exception
 from celery.utils.time import get_exponential_backoff_interval
+from kombu.utils.encoding import safe_str
 
 from .errors import ResultShapeError
 from .request import RetryRequested
@@ -299,9 +300,12 @@ class BatchOutcomes:
                     exc_info=True,
                 )
         request._settle(states.RETRY, reason)
+        # safe_str: the reason is the user's exception, and its __str__ may
+        # raise; the retry is sent already, and how the reason prints must
+        # not fail this call, nor the ones of the batch not retried yet.
+        shown: str = safe_str(reason)  # type: ignore[no-untyped-call]
         task_logger.info(
-            LOG_RETRY.strip(),
-            {"id": request.id, "name": request.name, "exc": str(reason)},
+            LOG_RETRY.strip(), {"id": request.id, "name": request.name, "exc": shown}
         )
         if "on_retry" in self._handlers:
             self._handle(

@@ -528,3 +528,54 @@ def test_the_calls_log_lines_keep_arguments_hidden_with_argsrepr() -> None:
         ("('<hidden>',)", "{'token': '<hidden>'}")
     ] * 2
     assert not [d for d in data if "hunter2" in repr(d)]
+
+
+# -- 13. a retry whose reason cannot be printed --------------------------------
+
+
+class Grumpy(Exception):
+    """An exception whose ``__str__`` raises (it formats an attribute it lacks)."""
+
+    def __str__(self) -> str:
+        raise AttributeError("Grumpy has no attribute 'detail'")
+
+
+def test_a_retry_whose_reason_cannot_be_printed_retries_every_call() -> None:
+    # given a worker running a task whose body retries the whole batch on
+    # its first run, for a reason whose str() raises
+    app = Celery("attack.grumpy", set_as_current=False)
+    runs: list[str] = []
+
+    @app.task(
+        base=Batches,
+        name="attack.grumpy",
+        bind=True,
+        flush_every=3,
+        flush_interval=0.3,
+        max_retries=3,
+        shared=False,
+    )
+    def grumpy(self: Batches, requests: list[SimpleRequest]) -> None:
+        runs.extend(r.id for r in requests)
+        if any(not r.request_dict.get("retries") for r in requests):
+            raise self.retry(exc=Grumpy(), countdown=0.1)
+        for r in requests:
+            r.mark_as_done(r.args[0])
+
+    try:
+        with start_worker(app=app, pool="solo"):
+            # when a batch of three calls has run, and their retries
+            results = [grumpy.delay(n) for n in range(3)]
+            wait_for(
+                lambda: all(r.state in ("SUCCESS", "FAILURE") for r in results),
+                what="every call to be settled",
+            )
+            states = [r.state for r in results]
+            values = [r.result for r in results]
+    finally:
+        app.close()
+    # then every call was retried, ran twice and succeeded: how the reason
+    # prints (it is only logged) does not decide what happens to a call
+    assert states == ["SUCCESS"] * 3, values
+    assert values == [0, 1, 2]
+    assert sorted(runs) == sorted([r.id for r in results] * 2)
