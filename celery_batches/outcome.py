@@ -493,15 +493,17 @@ class BatchOutcomes:
         if writer is not None:
             writer.flush()
 
-    @staticmethod
-    def outcome(request: SimpleRequest, runtime: float) -> Outcome:
+    def outcome(self, request: SimpleRequest, runtime: float) -> Outcome:
         """The ``(failed, retval, runtime)`` the worker settles the message by."""
         settlement = request._settlement
         if settlement is None:
             return (0, None, runtime)
         state, value = settlement
         if state == states.SUCCESS:
-            return (0, saferepr(value), runtime)
+            # Cut as Celery's tracer cuts it: it crosses the pool's pipe and
+            # goes out whole in every task-succeeded event.
+            maxsize = getattr(self.task, "resultrepr_maxsize", 1024)
+            return (0, saferepr(value, maxsize), runtime)
         if state == states.RETRY:
             retry = Retry(exc=get_pickleable_exception(value))
             return (1, _pickleable(exception_info(retry)), runtime)

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from celery.utils.saferepr import saferepr
 from kombu.utils.uuid import uuid
 
 from celery_batches import Batches, SimpleRequest
@@ -20,6 +21,7 @@ from tests.harness.client import RawMessage
 from tests.harness.journal import Failure, Received
 from tests.harness.wait import wait_for
 from tests.harness.worker import Worker, Workers, start_worker
+from tests.integration.test_monitoring import EventLog
 
 pytestmark = pytest.mark.fault
 
@@ -579,3 +581,43 @@ def test_a_retry_whose_reason_cannot_be_printed_retries_every_call() -> None:
     assert states == ["SUCCESS"] * 3, values
     assert values == [0, 1, 2]
     assert sorted(runs) == sorted([r.id for r in results] * 2)
+
+
+# -- 14. a large result in every call's outcome --------------------------------
+
+
+class SucceededLog(EventLog):
+    """The ``result`` of each ``task-succeeded`` event, by task id."""
+
+    def __init__(self, worker: Worker) -> None:
+        super().__init__(worker)
+        self.results: dict[str, Any] = {}
+
+    def __enter__(self) -> SucceededLog:
+        super().__enter__()
+        return self
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        super().on_event(event)
+        if event["type"] == "task-succeeded":
+            with self.lock:
+                self.results[event["uuid"]] = event["result"]
+
+
+def test_a_large_result_reaches_the_worker_shortened_as_celery_shortens_it(
+    workers: Workers,
+) -> None:
+    # given a worker sending task events, and a per_request_results task
+    # whose calls each return their argument
+    worker = workers.start("memory", "solo", conf={"worker_send_task_events": True})
+    late = worker.tasks.late
+    with SucceededLog(worker) as log:
+        # when a batch of calls each returns 200,000 characters
+        ids = [late.delay("x" * 200_000).id for _ in range(5)]
+        worker.wait_for_states(ids, ["SUCCESS"] * 5)
+        wait_for(lambda: set(ids) <= set(log.results), what="task-succeeded events")
+    # then the results are stored whole, but what goes back from the pool
+    # to the worker, and on to every monitor in task-succeeded, is the
+    # result's repr cut to resultrepr_maxsize (1024), as a plain task's is
+    assert [len(value) for value in worker.results(ids)] == [200_000] * 5
+    assert {log.results[i] for i in ids} == {saferepr("x" * 200_000, 1024)}
