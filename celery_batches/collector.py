@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from weakref import WeakKeyDictionary
 
 from celery.utils.log import get_logger
+from celery.utils.saferepr import saferepr
 from celery.worker.state import revoked as revoked_tasks
 from celery.worker.state import task_ready, task_reserved
 
@@ -43,6 +44,10 @@ logger = get_logger(__name__)
 def _does_info() -> bool:
     return bool(logger.isEnabledFor(logging.INFO))
 
+
+#: Longest repr of a batch key in the flush line, as Celery's default
+#: ``argsrepr`` size.
+KEY_REPR_MAXSIZE = 1024
 
 #: The largest prefetch count AMQP can carry; kombu sends a larger one as 0,
 #: which means *unlimited*, so no widening may take the window past it.
@@ -382,12 +387,15 @@ class BatchCollector:
                 fail_request(self.task, request, exc)
             return
         if _does_info():
+            # The key may come from what a call was sent with (batch_key of
+            # a keyword argument), of any size, or be an object whose repr
+            # raises: shown cut and safely, as Celery shows arguments.
             logger.info(
-                "Flushed a batch of %d %s calls (%s, key %r)",
+                "Flushed a batch of %d %s calls (%s, key %s)",
                 len(live),
                 self.task.name,
                 reason,
-                key,
+                saferepr(key, KEY_REPR_MAXSIZE),
             )
         if batch_flushed.receivers:
             batch_flushed.send(

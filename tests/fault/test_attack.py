@@ -621,3 +621,54 @@ def test_a_large_result_reaches_the_worker_shortened_as_celery_shortens_it(
     # result's repr cut to resultrepr_maxsize (1024), as a plain task's is
     assert [len(value) for value in worker.results(ids)] == [200_000] * 5
     assert {log.results[i] for i in ids} == {saferepr("x" * 200_000, 1024)}
+
+
+# -- 15. the flush line of a key that is huge or cannot be printed -------------
+
+
+def test_the_flush_line_of_any_key_is_printable_and_bounded() -> None:
+    # given a worker logging its flushes, running a task keyed by what its
+    # calls were sent with: a 100,000-character tenant, or an object whose
+    # repr raises
+    app = Celery("attack.flushline", set_as_current=False)
+
+    def key_of(request: SimpleRequest) -> object:
+        tenant = request.kwargs["tenant"]
+        return Unprintable(tenant) if tenant == "odd" else tenant
+
+    @app.task(
+        base=Batches,
+        name="attack.flushline",
+        flush_every=2,
+        flush_interval=0.3,
+        batch_key=key_of,
+        shared=False,
+    )
+    def flushline(requests: list[SimpleRequest]) -> None:
+        pass
+
+    handler = Keeping(logging.INFO)
+    collector_logger = logging.getLogger("celery_batches.collector")
+    level = collector_logger.level
+    collector_logger.addHandler(handler)
+    collector_logger.setLevel(logging.INFO)
+    try:
+        with start_worker(app=app, pool="solo"):
+            # when a batch of each key has been flushed
+            for tenant in ("odd", "y" * 100_000):
+                flushline.delay(tenant=tenant)
+                flushline.delay(tenant=tenant)
+            wait_for(lambda: len(flush_lines(handler)) == 2, what="two flush lines")
+    finally:
+        collector_logger.removeHandler(handler)
+        collector_logger.setLevel(level)
+        app.close()
+    # then every batch's INFO line can be formatted and stays short,
+    # whatever key the calls' senders chose
+    lines = [record.getMessage() for record in flush_lines(handler)]
+    assert max(len(line) for line in lines) < 2048
+
+
+def flush_lines(handler: Keeping) -> list[logging.LogRecord]:
+    """The records of the flush line (one per batch) ``handler`` kept."""
+    return [r for r in handler.records if str(r.msg).startswith("Flushed a batch")]
