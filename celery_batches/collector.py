@@ -370,20 +370,28 @@ class BatchCollector:
         live = self._live(batch)
         if not live:
             return
+        taken: list[Request] = []
         try:
-            with flushing_into(self.pool if pool is None else pool):
+            with flushing_into(self.pool if pool is None else pool) as taken:
                 self.task.flush(live)
         # Batches.flush may be overridden by the user; whatever it (or the
-        # pool) raises, these requests will not run: each is failed and its
-        # message rejected, and the worker goes on with the next batch.
+        # pool) raises, the requests it did not hand over will not run: each
+        # is failed and its message rejected, and the worker goes on with
+        # the next batch. Those it handed over (a hook that raises after
+        # super().flush()) run, or were failed on their own, already:
+        # failing them too would settle them twice.
         except Exception as exc:
+            handed = {id(request) for request in taken}
+            left = [request for request in live if id(request) not in handed]
             logger.error(
-                "Cannot hand a batch of %d %s requests to the pool",
+                "Error flushing a batch of %d %s requests; %d not handed "
+                "to the pool fail",
                 len(live),
                 self.task.name,
+                len(left),
                 exc_info=True,
             )
-            for request in live:
+            for request in left:
                 fail_request(self.task, request, exc)
             return
         if _does_info():

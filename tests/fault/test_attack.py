@@ -672,3 +672,65 @@ def test_the_flush_line_of_any_key_is_printable_and_bounded() -> None:
 def flush_lines(handler: Keeping) -> list[logging.LogRecord]:
     """The records of the flush line (one per batch) ``handler`` kept."""
     return [r for r in handler.records if str(r.msg).startswith("Flushed a batch")]
+
+
+# -- 16. a flush hook that raises after handing its batch over -----------------
+
+
+class Audited(Batches):
+    """Counts each batch after handing it over, with a counter that fails."""
+
+    abstract = True
+
+    def flush(self, requests: list[Any]) -> Any:
+        handed = super().flush(requests)
+        self.count_batch(len(requests))
+        return handed
+
+    def count_batch(self, size: int) -> None:
+        raise ConnectionError("the metrics server is down")
+
+
+def test_a_flush_hook_that_raises_after_super_does_not_fail_calls_that_ran() -> None:
+    # given a worker running a task whose flush hook hands each batch over
+    # (super().flush) and then raises, and an errback on each call
+    app = Celery("attack.audited", set_as_current=False)
+    runs: list[str] = []
+    errbacks: list[str] = []
+
+    @app.task(
+        base=Audited,
+        name="attack.audited",
+        flush_every=2,
+        flush_interval=0.3,
+        per_request_results=True,
+        shared=False,
+    )
+    def audited(requests: list[SimpleRequest]) -> list[Any]:
+        runs.extend(r.id for r in requests)
+        return [r.args[0] for r in requests]
+
+    @app.task(name="attack.errback", shared=False)
+    def errback(task_id: str) -> None:
+        errbacks.append(task_id)
+
+    try:
+        with start_worker(app=app, pool="solo"):
+            # when a batch of two calls is flushed
+            results = [
+                audited.apply_async((n,), link_error=errback.s()) for n in range(2)
+            ]
+            wait_for(lambda: len(runs) == 2, what="the batch to run")
+            sentinel = errback.delay("sentinel")
+            wait_for(lambda: "sentinel" in errbacks, what="the errback task to run")
+            states = [r.state for r in results]
+            values = [r.result for r in results]
+            assert sentinel.state == "SUCCESS"
+    finally:
+        app.close()
+    # then the calls, which ran once each and succeeded, are not also
+    # failed by the hook's error: no errback fires for them and SUCCESS
+    # stands (the hook fails only the calls it did not hand over)
+    assert sorted(runs) == sorted(r.id for r in results)
+    assert states == ["SUCCESS", "SUCCESS"], values
+    assert errbacks == ["sentinel"]

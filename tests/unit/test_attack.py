@@ -46,3 +46,69 @@ def test_calls_held_for_their_eta_never_widen_the_window_past_what_amqp_carries(
     assert len(worker.eta_entries()) == 600
     assert worker.qos.value <= PREFETCH_COUNT_MAX
     assert 0 not in worker.prefetch_sent
+
+
+class FlushHookError(Exception):
+    """What the flush hooks below raise."""
+
+
+class RaisingBefore(Batches):
+    abstract = True
+
+    def flush(self, requests: list[Any]) -> Any:
+        raise FlushHookError("before handing the batch over")
+
+
+class RaisingAfter(Batches):
+    abstract = True
+
+    def flush(self, requests: list[Any]) -> Any:
+        handed = super().flush(requests)
+        self.fail_to_count()
+        return handed
+
+    def fail_to_count(self) -> None:
+        raise FlushHookError("after handing the batch over")
+
+
+def hooked_task(app: Celery, base: type[Batches]) -> Any:
+    @app.task(
+        base=base,
+        name=f"unit.attack.{uuid()}",
+        shared=False,
+        flush_every=2,
+        flush_interval=60,
+    )
+    def hooked(requests: list[SimpleRequest]) -> None:
+        pass
+
+    return app.tasks[hooked.name]
+
+
+def test_a_flush_hook_that_raises_fails_only_the_calls_it_did_not_hand_over(
+    app: Celery,
+) -> None:
+    # given two batch tasks whose flush hook raises, one before it hands the
+    # batch to the pool (super().flush), one after
+    worker = FakeWorker(app)
+    before = hooked_task(app, RaisingBefore)
+    after = hooked_task(app, RaisingAfter)
+    messages = {}
+    for task in (before, after):
+        handler = worker.strategy(task)
+        messages[task.name] = [make_message(app, task.s(n)) for n in range(2)]
+        # when a full batch of each is flushed
+        for message in messages[task.name]:
+            worker.deliver(handler, message)
+    # then the calls not handed over are failed and their messages rejected
+    assert [m.reject.call_count for m in messages[before.name]] == [1, 1]
+    assert [app.AsyncResult(m.headers["id"]).state for m in messages[before.name]] == [
+        "FAILURE"
+    ] * 2
+    # and the calls handed over are left to the pool: not rejected, nothing
+    # stored for them, so they settle once, by their own outcome
+    assert worker.pool.ids() == [[m.headers["id"] for m in messages[after.name]]]
+    assert [m.reject.call_count for m in messages[after.name]] == [0, 0]
+    assert [app.AsyncResult(m.headers["id"]).state for m in messages[after.name]] == [
+        "PENDING"
+    ] * 2
