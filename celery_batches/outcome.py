@@ -75,13 +75,22 @@ class BatchOutcomes:
     and anything settled after :meth:`store`, is stored at once.
     """
 
-    __slots__ = ("_handlers", "_writer", "store_results", "task")
+    __slots__ = ("_handlers", "_writer", "retry_here", "store_results", "task")
 
     def __init__(
-        self, task: Task, *, bulk: bool = True, store_results: bool = True
+        self,
+        task: Task,
+        *,
+        bulk: bool = True,
+        store_results: bool = True,
+        retry_here: bool = False,
     ) -> None:
         #: The batch task.
         self.task = task
+        #: Whether a retry runs in this process once the batch has ended
+        #: (``Batches.apply()``, as Celery's ``apply()`` runs an eager
+        #: task's retry) instead of being sent to the broker.
+        self.retry_here = retry_here
         #: Whether results, failures and retries go to the result backend
         #: (eager calls store them only with ``task_store_eager_result``).
         self.store_results = store_results
@@ -260,15 +269,7 @@ class BatchOutcomes:
         if countdown is None and eta is None:
             countdown = _default_delay(task, retries)
         try:
-            task.signature_from_request(
-                ctx,
-                request.args,
-                request.kwargs,
-                task_id=request.id,
-                countdown=countdown,
-                eta=eta,
-                retries=retries + 1,
-            ).apply_async()
+            self._send_again(request, countdown=countdown, eta=eta, retries=retries + 1)
         # The broker refused the retry (or the call's options are corrupt):
         # the call cannot run again, so it fails, as a plain task whose
         # retry cannot be sent fails.
@@ -319,6 +320,26 @@ class BatchOutcomes:
             )
         if signals.task_retry.receivers:
             signals.task_retry.send(sender=task, request=ctx, reason=reason, einfo=None)
+
+    def _send_again(self, request: SimpleRequest, **options: Any) -> None:
+        """Send the call again, with ``options``, or keep it to run here.
+
+        With ``retry_here``, the retry runs in this process once the batch
+        has ended (:func:`~celery_batches.eager.eager_result`), as Celery's
+        ``apply()`` runs an eager task's retry: never through a broker the
+        caller may not have.
+        """
+        again = self.task.signature_from_request(
+            request.context,
+            request.args,
+            request.kwargs,
+            task_id=request.id,
+            **options,
+        )
+        if self.retry_here:
+            request._eager_retry = again
+        else:
+            again.apply_async()
 
     def predicate(self, request: SimpleRequest, exc: Reject | Ignore) -> None:
         """Leave the call to the worker's own handling of ``Reject``/``Ignore``.

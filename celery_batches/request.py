@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from datetime import datetime
 
     from celery.app.task import Task
+    from celery.canvas import Signature
     from celery.worker.request import Request
 
     from .types import Outcomes
@@ -38,6 +39,7 @@ class SimpleRequest:
 
     __slots__ = (
         "_context",
+        "_eager_retry",
         "_outcome",
         "_outcomes",
         "_task",
@@ -109,6 +111,8 @@ class SimpleRequest:
         #: What settles this request: the outcome recorder of the batch that
         #: runs it, set in the process that runs it.
         self._outcomes: Outcomes | None = None
+        #: The retry of an eager call, run once its batch has ended.
+        self._eager_retry: Signature | None = None
 
     @classmethod
     def from_request(cls, request: Request) -> SimpleRequest:

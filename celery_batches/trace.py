@@ -36,11 +36,15 @@ def run_batch(
     eager: bool = False,
     hostname: str | None = None,
     store_results: bool = True,
+    retry_here: bool = False,
 ) -> tuple[Any, list[Outcome]]:
     """Run the body of ``task`` once for ``requests`` and settle every request.
 
     ``store_results=False`` settles the calls without writing to the result
     backend (eager calls, unless ``task_store_eager_result`` is set).
+    ``retry_here=True`` keeps each retry on its request, to run in this
+    process once the batch has ended, instead of sending it
+    (``Batches.apply()``).
 
     Returns:
         The body's return value (``None`` if it raised) and one
@@ -50,7 +54,7 @@ def run_batch(
         them, count the batch once.
     """
     batch_id = uuid()
-    outcomes = BatchOutcomes(task, store_results=store_results)
+    outcomes = BatchOutcomes(task, store_results=store_results, retry_here=retry_here)
     for request in requests:
         request._task = task
         request._outcomes = outcomes

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 from kombu.utils.uuid import uuid
 
 from celery_batches import Batches, SimpleRequest
@@ -112,3 +112,43 @@ def test_a_flush_hook_that_raises_fails_only_the_calls_it_did_not_hand_over(
     assert [app.AsyncResult(m.headers["id"]).state for m in messages[after.name]] == [
         "PENDING"
     ] * 2
+
+
+def test_an_eager_call_that_retries_runs_its_retry_in_process(app: Celery) -> None:
+    # given a per_request_results task whose body retries each call on its
+    # first run, and answers it on its retry
+    @app.task(
+        base=Batches,
+        name=f"unit.attack.{uuid()}",
+        shared=False,
+        flush_every=3,
+        flush_interval=60,
+        per_request_results=True,
+        max_retries=3,
+    )
+    def flaky(requests: list[SimpleRequest]) -> list[Any]:
+        answers = []
+        for request in requests:
+            if not request.request_dict.get("retries"):
+                request.retry(countdown=60)
+            answers.append(request.args[0] * 10)
+        return answers
+
+    task = app.tasks[flaky.name]
+    sent: list[str] = []
+
+    def on_publish(sender: Any = None, **kwargs: Any) -> None:
+        sent.append(str(sender))
+
+    signals.before_task_publish.connect(on_publish, weak=False)
+    try:
+        # when a call is applied eagerly, as the FAQ shows for a test run
+        # "without a worker or a broker"
+        one = task.apply((4,))
+    finally:
+        signals.before_task_publish.disconnect(on_publish)
+    # then, as Celery's apply() runs a plain task's retry, the retry runs in
+    # the process (no message goes to a broker), and the result is that of
+    # the retried run
+    assert sent == []
+    assert (one.state, one.get()) == ("SUCCESS", 40)
