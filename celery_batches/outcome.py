@@ -75,7 +75,14 @@ class BatchOutcomes:
     and anything settled after :meth:`store`, is stored at once.
     """
 
-    __slots__ = ("_handlers", "_writer", "retry_here", "store_results", "task")
+    __slots__ = (
+        "_handlers",
+        "_stored_later",
+        "_writer",
+        "retry_here",
+        "store_results",
+        "task",
+    )
 
     def __init__(
         self,
@@ -97,6 +104,8 @@ class BatchOutcomes:
         self._writer = (
             ResultWriter.for_backend(task.backend) if bulk and store_results else None
         )
+        # Calls settled as SUCCESS whose result the writer holds, with it.
+        self._stored_later: list[tuple[SimpleRequest, Any]] = []
         # The handlers the task overrides: only those cost a call.
         self._handlers = {
             name: getattr(task, name)
@@ -118,7 +127,7 @@ class BatchOutcomes:
         if request._refuses("a new result"):
             return
         try:
-            self._send_callbacks_and_store(request, result)
+            deferred = self._send_callbacks_and_store(request, result)
         # The user's value, signatures and result backend are all involved
         # here: whatever fails, this call (and only it) is stored as failed.
         except Exception as exc:  # noqa: BLE001
@@ -131,6 +140,16 @@ class BatchOutcomes:
             self.failure(request, exc)
             return
         request._settle(states.SUCCESS, result)
+        if deferred:
+            # Its result is written with the batch's, in store(): what Celery
+            # runs once a task's result is stored (on_success reading it back,
+            # say) waits for that.
+            self._stored_later.append((request, result))
+        else:
+            self._succeeded(request, result)
+
+    def _succeeded(self, request: SimpleRequest, result: Any) -> None:
+        """Run what follows a stored SUCCESS: handlers and ``task_success``."""
         self._handle(
             request, "on_success", result, request.id, request.args, request.kwargs
         )
@@ -139,7 +158,12 @@ class BatchOutcomes:
                 signals.task_success.send(sender=self.task, result=result)
         self._after_return(request, states.SUCCESS, result)
 
-    def _send_callbacks_and_store(self, request: SimpleRequest, result: Any) -> None:
+    def _send_callbacks_and_store(self, request: SimpleRequest, result: Any) -> bool:
+        """Send the call's callbacks and store (or collect) its result.
+
+        Returns ``True`` if the result was collected, to be stored by
+        :meth:`store`.
+        """
         task = self.task
         ctx = request.context
         app = task.app
@@ -163,13 +187,14 @@ class BatchOutcomes:
             # Encodes now, so a value the serializer refuses fails here, for
             # this call, not when the batch's results are written.
             writer.add(request, result)
-        else:
-            task.backend.mark_as_done(
-                request.id,
-                result,
-                request=ctx,
-                store_result=self.store_results and not request.ignore_result,
-            )
+            return True
+        task.backend.mark_as_done(
+            request.id,
+            result,
+            request=ctx,
+            store_result=self.store_results and not request.ignore_result,
+        )
+        return False
 
     def failure(
         self,
@@ -509,10 +534,18 @@ class BatchOutcomes:
                 self.predicate(request, exc)
 
     def store(self) -> None:
-        """Write the results collected for one round trip; later ones go at once."""
+        """Write the results collected for one round trip; later ones go at once.
+
+        Then run what follows each of those calls' SUCCESS (its
+        ``on_success`` and ``after_return``, ``task_success``), now that
+        its result can be read back.
+        """
         writer, self._writer = self._writer, None
         if writer is not None:
             writer.flush()
+        stored, self._stored_later = self._stored_later, []
+        for request, result in stored:
+            self._succeeded(request, result)
 
     def outcome(self, request: SimpleRequest, runtime: float) -> Outcome:
         """The ``(failed, retval, runtime)`` the worker settles the message by."""

@@ -9,7 +9,7 @@ failed before its fix.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from celery import Celery
@@ -17,6 +17,7 @@ from celery.utils.saferepr import saferepr
 from kombu.utils.uuid import uuid
 
 from celery_batches import Batches, SimpleRequest
+from tests.harness.brokers import BROKERS, REDIS_BACKEND
 from tests.harness.client import RawMessage
 from tests.harness.journal import Failure, Received
 from tests.harness.wait import wait_for
@@ -734,3 +735,59 @@ def test_a_flush_hook_that_raises_after_super_does_not_fail_calls_that_ran() -> 
     assert sorted(runs) == sorted(r.id for r in results)
     assert states == ["SUCCESS", "SUCCESS"], values
     assert errbacks == ["sentinel"]
+
+
+# -- 17. on_success before the result is stored --------------------------------
+
+
+class Announcing(Batches):
+    """Reads each call's stored state from its own on_success and after_return."""
+
+    abstract = True
+    seen: ClassVar[list[tuple[str, str]]] = []
+
+    def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
+        self.seen.append(("on_success", self.AsyncResult(task_id).state))
+
+    def after_return(self, status: str, retval: Any, task_id: str, *rest: Any) -> None:
+        self.seen.append(("after_return", self.AsyncResult(task_id).state))
+
+
+def test_on_success_runs_once_the_calls_result_is_stored() -> None:
+    # given a worker with a Redis result backend (results stored in bulk)
+    # running a task whose on_success and after_return read the call's
+    # stored state, as a handler announcing "result ready" would
+    app = Celery("attack.announcing", set_as_current=False)
+    Announcing.seen = []
+
+    @app.task(
+        base=Announcing,
+        name="attack.announcing",
+        flush_every=2,
+        flush_interval=0.3,
+        per_request_results=True,
+        shared=False,
+    )
+    def announcing(requests: list[SimpleRequest]) -> list[Any]:
+        return [r.args[0] for r in requests]
+
+    try:
+        with start_worker(
+            "memory", "solo", app=app, urls=(BROKERS["memory"][0], REDIS_BACKEND)
+        ):
+            # when a batch of two calls succeeds
+            results = [announcing.delay(n) for n in range(2)]
+            wait_for(lambda: len(Announcing.seen) == 4, what="four handler calls")
+            assert [r.get(timeout=10) for r in results] == [0, 1]
+    finally:
+        app.close()
+    # then, as the handlers section promises ("on_success ... once its
+    # result is stored"), each handler finds its call's result stored
+    assert (
+        Announcing.seen
+        == [
+            ("on_success", "SUCCESS"),
+            ("after_return", "SUCCESS"),
+        ]
+        * 2
+    )
