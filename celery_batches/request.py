@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from celery import current_app
 from celery.app.task import Context
 from celery.utils.log import get_logger
 
@@ -205,12 +204,16 @@ class SimpleRequest:
         return ctx
 
     @property
-    def task(self) -> Task:
-        """The task this request is a call of."""
-        if self._task is not None:
-            return self._task
-        name = self.request_dict.get("task") or self.name
-        return current_app.tasks[name]
+    def task(self) -> str:
+        """The name of the task this request is a call of, as ``Context.task``.
+
+        A result backend given this request reads it (the ``name`` of an
+        extended result): ``app.backend.mark_as_done(request.id, value,
+        request=request)``, the 0.11 way of storing a result, passes it.
+        Unlike :attr:`name`, never a ``shadow`` name.
+        """
+        task: str = self.request_dict.get("task") or self.name
+        return task
 
     def _recorder(self) -> Outcomes:
         outcomes = self._outcomes

@@ -791,3 +791,44 @@ def test_on_success_runs_once_the_calls_result_is_stored() -> None:
         ]
         * 2
     )
+
+
+# -- 18. the 0.11 way of storing results, with extended results ----------------
+
+
+def test_the_0_11_way_of_storing_results_works_with_extended_results() -> None:
+    # given a worker with result_extended on, running a task that stores
+    # each call's result the 0.11 way, passing the request to the backend
+    # as docs/examples/migration.py does ("so that rpc://, chords and
+    # extended results work")
+    app = Celery("attack.extended", set_as_current=False)
+
+    @app.task(base=Batches, name="attack.extended", flush_every=2, shared=False)
+    def square(requests: list[SimpleRequest]) -> None:
+        for request in requests:
+            app.backend.mark_as_done(request.id, request.args[0] ** 2, request=request)
+
+    try:
+        with start_worker(
+            "memory",
+            "solo",
+            app=app,
+            conf={"result_extended": True},
+            urls=(BROKERS["memory"][0], REDIS_BACKEND),
+            batch_options={"flush_interval": 0.3},
+        ):
+            # when a batch of two calls has run
+            results = [square.delay(n) for n in (3, 4)]
+            wait_for(
+                lambda: all(r.state != "PENDING" for r in results),
+                what="both calls to be stored",
+            )
+            stored = [(r.state, r.result, r.name) for r in results]
+    finally:
+        app.close()
+    # then each result is stored, with the task's name as extended results
+    # record it
+    assert stored == [
+        ("SUCCESS", 9, "attack.extended"),
+        ("SUCCESS", 16, "attack.extended"),
+    ]
