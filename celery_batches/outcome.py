@@ -460,14 +460,25 @@ class BatchOutcomes:
     # -- the whole batch ---------------------------------------------------
 
     def distribute(
-        self, requests: list[SimpleRequest], retval: Any
+        self,
+        requests: list[SimpleRequest],
+        retval: Any,
+        *,
+        calls: list[SimpleRequest] | None = None,
     ) -> ResultShapeError | None:
         """Settle each call with its value from a ``per_request_results`` body.
+
+        ``requests`` is the body's list as the body left it, which a
+        sequence of values pairs with, in order; a mapping pairs by id with
+        ``calls``, every call of the batch (default: ``requests``), so what
+        the body did to its list does not matter to it.
 
         Returns:
             A :exc:`~celery_batches.errors.ResultShapeError` if ``retval`` is
             not one value per call (nothing is settled then), else ``None``.
         """
+        if calls is not None and isinstance(retval, Mapping):
+            requests = calls
         if all(request.settled for request in requests):
             # The body settled every call itself: its return value is not a
             # result of any of them, whatever it is.

@@ -169,7 +169,7 @@ def _call_body(
             outcomes.fail_unsettled(requests, exc)
         return None, exc
     if getattr(task, "per_request_results", False):
-        error = outcomes.distribute(batch, retval)
+        error = outcomes.distribute(batch, retval, calls=requests)
         if error is None and not all(request.settled for request in requests):
             error = ResultShapeError(
                 f"{task.name} returned no value for "

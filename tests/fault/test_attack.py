@@ -832,3 +832,44 @@ def test_the_0_11_way_of_storing_results_works_with_extended_results() -> None:
         ("SUCCESS", 9, "attack.extended"),
         ("SUCCESS", 16, "attack.extended"),
     ]
+
+
+# -- 19. a body that consumes its list and answers by id -----------------------
+
+
+def test_a_body_that_pops_its_requests_and_answers_by_id_settles_each_call() -> None:
+    # given a per_request_results task whose body consumes the list it is
+    # given (request = requests.pop()) and answers with a mapping of
+    # request.id to value, the shape per-request.rst offers "for when
+    # building the answers in order is awkward"
+    app = Celery("attack.byid", set_as_current=False)
+
+    @app.task(
+        base=Batches,
+        name="attack.byid",
+        flush_every=3,
+        flush_interval=0.3,
+        per_request_results=True,
+        shared=False,
+    )
+    def by_id(requests: list[SimpleRequest]) -> dict[str, Any]:
+        answers = {}
+        while requests:
+            request = requests.pop()
+            answers[request.id] = request.args[0] * 2
+        return answers
+
+    try:
+        with start_worker(app=app, pool="solo"):
+            # when a batch of three calls has run
+            results = [by_id.delay(n) for n in range(3)]
+            wait_for(
+                lambda: all(r.state != "PENDING" for r in results),
+                what="every call to be settled",
+            )
+            settled = [(r.state, r.result) for r in results]
+    finally:
+        app.close()
+    # then each call has the value the mapping gave its id: the ids are the
+    # batch's, whatever the body did to its list
+    assert settled == [("SUCCESS", 0), ("SUCCESS", 2), ("SUCCESS", 4)]
