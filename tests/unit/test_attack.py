@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from celery import Celery, signals
 from kombu.utils.uuid import uuid
 
 from celery_batches import Batches, SimpleRequest
+from celery_batches.testing import apply_batch
 from tests.unit.conftest import FakeWorker, make_message
 
 #: The largest prefetch count AMQP carries; kombu sends a larger one as 0.
@@ -152,3 +154,32 @@ def test_an_eager_call_that_retries_runs_its_retry_in_process(app: Celery) -> No
     # the retried run
     assert sent == []
     assert (one.state, one.get()) == ("SUCCESS", 40)
+
+
+class Grumpy(Exception):
+    """An exception whose ``__str__`` raises (it formats an attribute it lacks)."""
+
+    def __str__(self) -> str:
+        raise AttributeError("Grumpy has no attribute 'detail'")
+
+
+def test_a_recording_span_does_not_change_how_a_raising_body_fails_its_calls(
+    app: Celery,
+) -> None:
+    # given a batch running inside a recording OpenTelemetry span, as the
+    # Celery instrumentation starts one per batch, and a body that raises
+    # an exception whose str() raises
+    sdk = pytest.importorskip("opentelemetry.sdk.trace")
+    tracer = sdk.TracerProvider().get_tracer("attack")
+
+    @app.task(base=Batches, name=f"unit.attack.{uuid()}", shared=False)
+    def grumpy(requests: list[SimpleRequest]) -> None:
+        raise Grumpy()
+
+    # when the batch runs
+    with tracer.start_as_current_span("run/grumpy"):
+        results = apply_batch(app.tasks[grumpy.name], [1, 2])
+    # then each call fails with the body's exception, as it does with no
+    # span: marking the span failed never changes a call's outcome
+    assert [r.state for r in results] == ["FAILURE", "FAILURE"]
+    assert [type(r.result) for r in results] == [Grumpy, Grumpy]
