@@ -41,7 +41,13 @@ def link_calls(calls: Iterable[Any]) -> int:
     linked = 0
     for call in calls:
         # The message headers are in the call's request dict.
-        context = propagate.extract(call.request_dict)
+        try:
+            context = propagate.extract(call.request_dict)
+        # The headers are whatever the sender wrote (a traceparent that is
+        # a number makes the propagator raise): the link is best effort,
+        # and such a call's is skipped rather than failing its batch.
+        except Exception:  # noqa: BLE001
+            continue
         sent_from = trace.get_current_span(context).get_span_context()
         if sent_from.is_valid:
             add_link(sent_from, {"messaging.message.id": call.id})

@@ -14,7 +14,9 @@ from kombu.utils.uuid import uuid
 
 from celery_batches import Batches, SimpleRequest
 from celery_batches.testing import apply_batch
+from celery_batches.trace import run_batch
 from tests.unit.conftest import FakeWorker, make_message
+from tests.unit.test_trace import calls
 
 #: The largest prefetch count AMQP carries; kombu sends a larger one as 0.
 PREFETCH_COUNT_MAX = 0xFFFF
@@ -183,3 +185,41 @@ def test_a_recording_span_does_not_change_how_a_raising_body_fails_its_calls(
     # span: marking the span failed never changes a call's outcome
     assert [r.state for r in results] == ["FAILURE", "FAILURE"]
     assert [type(r.result) for r in results] == [Grumpy, Grumpy]
+
+
+def test_a_call_with_a_trace_header_of_the_wrong_type_does_not_fail_its_batch(
+    app: Celery,
+) -> None:
+    # given a batch running inside a recording OpenTelemetry span, started
+    # from task_prerun as the Celery instrumentation starts it, and two
+    # calls, one of which was sent with a traceparent header that is a
+    # number (a hand-made message: headers are whatever the sender wrote)
+    sdk = pytest.importorskip("opentelemetry.sdk.trace")
+    tracer = sdk.TracerProvider().get_tracer("attack")
+
+    @app.task(
+        base=Batches,
+        name=f"unit.attack.{uuid()}",
+        shared=False,
+        per_request_results=True,
+    )
+    def echo(requests: list[SimpleRequest]) -> list[Any]:
+        return [r.args[0] for r in requests]
+
+    task = app.tasks[echo.name]
+    requests = calls(task, 1, 2)
+    requests[0].request_dict["traceparent"] = 5
+
+    def on_prerun(**kwargs: Any) -> None:
+        pass
+
+    signals.task_prerun.connect(on_prerun, weak=False)
+    try:
+        # when the batch runs
+        with tracer.start_as_current_span("run/echo"):
+            _, outcomes = run_batch(task, requests)
+    finally:
+        signals.task_prerun.disconnect(on_prerun)
+    # then both calls get their values: linking the batch's span to each
+    # call's is best effort, and a header it cannot read is skipped
+    assert [outcome[:2] for outcome in outcomes] == [(0, "1"), (0, "2")]
