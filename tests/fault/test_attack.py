@@ -873,3 +873,33 @@ def test_a_body_that_pops_its_requests_and_answers_by_id_settles_each_call() -> 
     # then each call has the value the mapping gave its id: the ids are the
     # batch's, whatever the body did to its list
     assert settled == [("SUCCESS", 0), ("SUCCESS", 2), ("SUCCESS", 4)]
+
+
+# -- 20. a body that does not decompress, under a task header that is a list ----
+
+
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_a_body_that_does_not_decompress_under_an_odd_task_header_is_dropped(
+    workers: Workers, broker: str
+) -> None:
+    # given a worker, and a message whose body does not decompress and
+    # whose task header is a list (Kombu hands such a message to the task
+    # consumer's decode-error handler before any strategy sees it)
+    worker = workers.start(broker, "solo")
+    collect = worker.tasks.collect
+    bad, good = uuid(), uuid()
+    headers = worker.headers(collect, bad, compression="application/x-gzip")
+    headers["task"] = [collect.name]
+    worker.publish(RawMessage(b"not compressed", headers), call(worker, collect, good))
+    # when the worker has consumed it and a good call after it
+    wait_for(
+        lambda: worker.states([good]) == ["SUCCESS"] or not worker.alive(),
+        timeout=30,
+        what="the good call to succeed (or the worker to die)",
+    )
+    # then the worker is still running, as it is after any other poison
+    # message, the good call ran, and the bad message is not on the broker
+    assert worker.alive(), worker.log()[-3000:]
+    assert worker.states([good]) == ["SUCCESS"]
+    assert worker.exit() == 0, worker.log()[-3000:]
+    assert worker.queue_depth() == 0
