@@ -516,7 +516,7 @@ class BatchOutcomes:
     def retry_unsettled(
         self,
         requests: list[SimpleRequest],
-        exc: BaseException | None,
+        exc: BaseException | str | None,
         options: dict[str, Any] | None = None,
     ) -> None:
         """Send every call of ``requests`` not settled yet again.

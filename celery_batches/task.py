@@ -123,7 +123,7 @@ class Batches(Task):  # type: ignore[misc]
         self,
         args: Any = None,
         kwargs: Any = None,
-        exc: BaseException | None = None,
+        exc: BaseException | str | None = None,
         throw: bool = True,
         eta: Any = None,
         countdown: float | None = None,

@@ -151,9 +151,12 @@ def _call_body(
         if isinstance(exc, Retry):
             # The reason given to self.retry(exc=...), if any: past
             # max_retries a call fails with it, else with
-            # MaxRetriesExceededError, as Celery's Task.retry does.
+            # MaxRetriesExceededError, as Celery's Task.retry does. Celery's
+            # Retry keeps a string reason apart, in excs (for an exception,
+            # excs is only its repr).
             options = exc.options if isinstance(exc, BatchRetry) else None
-            outcomes.retry_unsettled(requests, exc.exc, options)
+            reason = exc.exc if exc.exc is not None else exc.excs
+            outcomes.retry_unsettled(requests, reason, options)
         elif _wants_autoretry(task, exc):
             outcomes.retry_unsettled(requests, exc)
         else:
@@ -186,7 +189,7 @@ def _call_body(
 
 
 def retry_running_batch(
-    task: Task, exc: BaseException | None, options: dict[str, Any]
+    task: Task, exc: BaseException | str | None, options: dict[str, Any]
 ) -> bool:
     """Send every unsettled call of the batch ``task`` runs here again.
 

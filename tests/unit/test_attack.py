@@ -223,3 +223,27 @@ def test_a_call_with_a_trace_header_of_the_wrong_type_does_not_fail_its_batch(
     # then both calls get their values: linking the batch's span to each
     # call's is best effort, and a header it cannot read is skipped
     assert [outcome[:2] for outcome in outcomes] == [(0, "1"), (0, "2")]
+
+
+def test_self_retry_with_a_string_reason_keeps_it_as_request_retry_does(
+    app: Celery,
+) -> None:
+    # given two bound tasks that retry their calls with the reason given as
+    # a string, as Celery's Task.retry allows: one raising self.retry(...),
+    # one calling request.retry(...) on each call
+    @app.task(base=Batches, name=f"unit.attack.{uuid()}", bind=True, shared=False)
+    def whole(self: Batches, requests: list[SimpleRequest]) -> None:
+        raise self.retry(exc="busy, try later", countdown=5)
+
+    @app.task(base=Batches, name=f"unit.attack.{uuid()}", shared=False)
+    def each(requests: list[SimpleRequest]) -> None:
+        for request in requests:
+            request.retry(exc="busy, try later", countdown=5)
+
+    # when each runs a batch of one call
+    reasons = [
+        apply_batch(app.tasks[task.name], [1])[0].result for task in (whole, each)
+    ]
+    # then both calls are RETRY with that string as the reason's message:
+    # self.retry() retries each call "as SimpleRequest.retry would"
+    assert [str(reason) for reason in reasons] == ["busy, try later"] * 2
