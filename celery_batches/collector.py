@@ -9,6 +9,7 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any, Callable
 from weakref import WeakKeyDictionary
 
+from celery.exceptions import InvalidTaskError
 from celery.utils.log import get_logger
 from celery.utils.saferepr import saferepr
 from celery.worker.state import revoked as revoked_tasks
@@ -394,6 +395,31 @@ class BatchCollector:
             for request in left:
                 fail_request(self.task, request, exc)
             return
+        handed = {id(request) for request in taken}
+        left = [request for request in live if id(request) not in handed]
+        if left:
+            # A flush hook that hands over only part of its batch: the calls
+            # it left out will never run, and unsettled they would wait
+            # unacked in the worker for ever. Fail them, as calls a raising
+            # hook did not hand over.
+            logger.error(
+                "%s.flush() left %d of a batch of %d requests out; they fail",
+                self.task.name,
+                len(left),
+                len(live),
+            )
+            for request in left:
+                fail_request(
+                    self.task,
+                    request,
+                    InvalidTaskError(
+                        f"{request.name}[{request.id}] was left out of its "
+                        f"batch by {self.task.name}.flush()"
+                    ),
+                )
+            live = [request for request in live if id(request) in handed]
+            if not live:
+                return
         if _does_info():
             # The key may come from what a call was sent with (batch_key of
             # a keyword argument), of any size, or be an object whose repr

@@ -903,3 +903,52 @@ def test_a_body_that_does_not_decompress_under_an_odd_task_header_is_dropped(
     assert worker.states([good]) == ["SUCCESS"]
     assert worker.exit() == 0, worker.log()[-3000:]
     assert worker.queue_depth() == 0
+
+
+# -- 21. a flush hook that leaves calls out of the batch -----------------------
+
+
+class Filtering(Batches):
+    """Hands over each batch without its calls of 1 (a dedupe, say)."""
+
+    abstract = True
+
+    def flush(self, requests: list[Any]) -> Any:
+        return super().flush([r for r in requests if r.args[0] != 1])
+
+
+def test_a_call_a_flush_hook_leaves_out_is_settled_not_stranded() -> None:
+    # given a worker running a task whose flush hook hands each batch over
+    # without some of its calls, as the hook's docs allow ("see or change
+    # each batch before it runs")
+    app = Celery("attack.filtering", set_as_current=False)
+
+    @app.task(
+        base=Filtering,
+        name="attack.filtering",
+        flush_every=2,
+        flush_interval=0.3,
+        per_request_results=True,
+        shared=False,
+    )
+    def filtering(requests: list[SimpleRequest]) -> list[Any]:
+        return [r.args[0] for r in requests]
+
+    def reserved() -> list[str]:
+        replies = app.control.inspect(timeout=1).reserved() or {}
+        return [call["id"] for calls in replies.values() for call in calls]
+
+    try:
+        with start_worker(app=app, pool="solo"):
+            # when a batch of a call the hook keeps and one it leaves out runs
+            kept, left = (filtering.delay(n) for n in (0, 1))
+            wait_for(lambda: kept.state == "SUCCESS", what="the kept call to run")
+            # then the call left out does not wait unacked in the worker for
+            # ever: it is settled (FAILURE, naming the hook) and no longer
+            # reserved, as a call a raising hook does not hand over is
+            wait_for(lambda: left.state != "PENDING", timeout=5, what="the left call")
+            assert left.state == "FAILURE"
+            assert "flush" in str(left.result)
+            assert left.id not in reserved()
+    finally:
+        app.close()
