@@ -9,7 +9,9 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any, Callable
 from weakref import WeakKeyDictionary
 
+from celery.exceptions import InvalidTaskError
 from celery.utils.log import get_logger
+from celery.utils.saferepr import saferepr
 from celery.worker.state import revoked as revoked_tasks
 from celery.worker.state import task_ready, task_reserved
 
@@ -43,6 +45,10 @@ logger = get_logger(__name__)
 def _does_info() -> bool:
     return bool(logger.isEnabledFor(logging.INFO))
 
+
+#: Longest repr of a batch key in the flush line, as Celery's default
+#: ``argsrepr`` size.
+KEY_REPR_MAXSIZE = 1024
 
 #: The largest prefetch count AMQP can carry; kombu sends a larger one as 0,
 #: which means *unlimited*, so no widening may take the window past it.
@@ -365,29 +371,65 @@ class BatchCollector:
         live = self._live(batch)
         if not live:
             return
+        taken: list[Request] = []
         try:
-            with flushing_into(self.pool if pool is None else pool):
+            with flushing_into(self.pool if pool is None else pool) as taken:
                 self.task.flush(live)
         # Batches.flush may be overridden by the user; whatever it (or the
-        # pool) raises, these requests will not run: each is failed and its
-        # message rejected, and the worker goes on with the next batch.
+        # pool) raises, the requests it did not hand over will not run: each
+        # is failed and its message rejected, and the worker goes on with
+        # the next batch. Those it handed over (a hook that raises after
+        # super().flush()) run, or were failed on their own, already:
+        # failing them too would settle them twice.
         except Exception as exc:
+            handed = {id(request) for request in taken}
+            left = [request for request in live if id(request) not in handed]
             logger.error(
-                "Cannot hand a batch of %d %s requests to the pool",
+                "Error flushing a batch of %d %s requests; %d not handed "
+                "to the pool fail",
                 len(live),
                 self.task.name,
+                len(left),
                 exc_info=True,
             )
-            for request in live:
+            for request in left:
                 fail_request(self.task, request, exc)
             return
+        handed = {id(request) for request in taken}
+        left = [request for request in live if id(request) not in handed]
+        if left:
+            # A flush hook that hands over only part of its batch: the calls
+            # it left out will never run, and unsettled they would wait
+            # unacked in the worker for ever. Fail them, as calls a raising
+            # hook did not hand over.
+            logger.error(
+                "%s.flush() left %d of a batch of %d requests out; they fail",
+                self.task.name,
+                len(left),
+                len(live),
+            )
+            for request in left:
+                fail_request(
+                    self.task,
+                    request,
+                    InvalidTaskError(
+                        f"{request.name}[{request.id}] was left out of its "
+                        f"batch by {self.task.name}.flush()"
+                    ),
+                )
+            live = [request for request in live if id(request) in handed]
+            if not live:
+                return
         if _does_info():
+            # The key may come from what a call was sent with (batch_key of
+            # a keyword argument), of any size, or be an object whose repr
+            # raises: shown cut and safely, as Celery shows arguments.
             logger.info(
-                "Flushed a batch of %d %s calls (%s, key %r)",
+                "Flushed a batch of %d %s calls (%s, key %s)",
                 len(live),
                 self.task.name,
                 reason,
-                key,
+                saferepr(key, KEY_REPR_MAXSIZE),
             )
         if batch_flushed.receivers:
             batch_flushed.send(

@@ -19,7 +19,12 @@ def _plain(key: Any) -> Any:
     """A batch key as a reply can carry it (JSON): itself, or its repr."""
     if key is None or isinstance(key, (str, int, float, bool)):
         return key
-    return repr(key)
+    try:
+        return repr(key)
+    # A batch_key function may return any hashable, whose __repr__ is the
+    # user's: one that raises must not take the whole reply with it.
+    except Exception:  # noqa: BLE001
+        return f"<unprintable {type(key).__qualname__} key>"
 
 
 def describe(consumer: Consumer) -> dict[str, Any]:

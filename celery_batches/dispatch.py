@@ -168,14 +168,35 @@ _flush_pool: ContextVar[BasePool | None] = ContextVar(
 )
 
 
+#: The requests the flush in this context has settled so far: handed to the
+#: pool, or failed on their own (arguments that do not pickle).
+_flush_taken: ContextVar[list[Request] | None] = ContextVar(
+    "celery_batches_flush_taken", default=None
+)
+
+
 @contextmanager
-def flushing_into(pool: BasePool) -> Iterator[None]:
-    """Within the block, batches flushed in this context run in ``pool``."""
+def flushing_into(pool: BasePool) -> Iterator[list[Request]]:
+    """Within the block, batches flushed in this context run in ``pool``.
+
+    Yields the list of the requests handed to the pool (or failed on their
+    own) within the block, so that an error raised after a batch was
+    handed over fails only the requests that were not.
+    """
+    taken: list[Request] = []
     token = _flush_pool.set(pool)
+    taken_token = _flush_taken.set(taken)
     try:
-        yield
+        yield taken
     finally:
+        _flush_taken.reset(taken_token)
         _flush_pool.reset(token)
+
+
+def _took(requests: list[Request]) -> None:
+    taken = _flush_taken.get()
+    if taken is not None:
+        taken.extend(requests)
 
 
 #: The SimpleRequest made of a worker request before its batch was flushed
@@ -293,7 +314,7 @@ def _apply(
 ) -> Any:
     job = BatchJob(task.name, runnable, bool(task.acks_late))
     target = execute_batch if in_processes else _execute_in_process
-    return pool.apply_async(
+    handed = pool.apply_async(
         target,
         args=(task.name if in_processes else task, simple, hostname),
         accept_callback=job.on_accepted,
@@ -304,6 +325,8 @@ def _apply(
         timeout=task.time_limit,
         correlation_id=runnable[0].id,
     )
+    _took(runnable)
+    return handed
 
 
 def _pickling_error(snapshot: SimpleRequest) -> Exception | None:
@@ -323,6 +346,7 @@ def _fail_unpicklable(task: Task, request: Request, error: Exception) -> None:
             f"sent to the pool: {error!r}"
         ),
     )
+    _took([request])
 
 
 def _execute_in_process(

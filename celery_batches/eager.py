@@ -70,6 +70,12 @@ def eager_result(request: SimpleRequest, retval: Any, *, throw: bool) -> EagerRe
     if outcome is None:
         return EagerResult(request.id, retval, states.SUCCESS)
     state, value = outcome
+    retry = request._eager_retry
+    if state == states.RETRY and retry is not None:
+        # As Celery's Task.apply: the retry runs now, in this process, and
+        # its outcome is the call's.
+        result: EagerResult = retry.apply(throw=throw)
+        return result
     if state == states.FAILURE:
         exc = value.exception
         exc = unwrap_exception(exc)

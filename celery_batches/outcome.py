@@ -26,6 +26,7 @@ from celery.utils.log import get_logger
 from celery.utils.saferepr import saferepr
 from celery.utils.serialization import get_pickleable_etype, get_pickleable_exception
 from celery.utils.time import get_exponential_backoff_interval
+from kombu.utils.encoding import safe_str
 
 from .errors import ResultShapeError
 from .request import RetryRequested
@@ -74,19 +75,37 @@ class BatchOutcomes:
     and anything settled after :meth:`store`, is stored at once.
     """
 
-    __slots__ = ("_handlers", "_writer", "store_results", "task")
+    __slots__ = (
+        "_handlers",
+        "_stored_later",
+        "_writer",
+        "retry_here",
+        "store_results",
+        "task",
+    )
 
     def __init__(
-        self, task: Task, *, bulk: bool = True, store_results: bool = True
+        self,
+        task: Task,
+        *,
+        bulk: bool = True,
+        store_results: bool = True,
+        retry_here: bool = False,
     ) -> None:
         #: The batch task.
         self.task = task
+        #: Whether a retry runs in this process once the batch has ended
+        #: (``Batches.apply()``, as Celery's ``apply()`` runs an eager
+        #: task's retry) instead of being sent to the broker.
+        self.retry_here = retry_here
         #: Whether results, failures and retries go to the result backend
         #: (eager calls store them only with ``task_store_eager_result``).
         self.store_results = store_results
         self._writer = (
             ResultWriter.for_backend(task.backend) if bulk and store_results else None
         )
+        # Calls settled as SUCCESS whose result the writer holds, with it.
+        self._stored_later: list[tuple[SimpleRequest, Any]] = []
         # The handlers the task overrides: only those cost a call.
         self._handlers = {
             name: getattr(task, name)
@@ -108,7 +127,7 @@ class BatchOutcomes:
         if request._refuses("a new result"):
             return
         try:
-            self._send_callbacks_and_store(request, result)
+            deferred = self._send_callbacks_and_store(request, result)
         # The user's value, signatures and result backend are all involved
         # here: whatever fails, this call (and only it) is stored as failed.
         except Exception as exc:  # noqa: BLE001
@@ -121,6 +140,16 @@ class BatchOutcomes:
             self.failure(request, exc)
             return
         request._settle(states.SUCCESS, result)
+        if deferred:
+            # Its result is written with the batch's, in store(): what Celery
+            # runs once a task's result is stored (on_success reading it back,
+            # say) waits for that.
+            self._stored_later.append((request, result))
+        else:
+            self._succeeded(request, result)
+
+    def _succeeded(self, request: SimpleRequest, result: Any) -> None:
+        """Run what follows a stored SUCCESS: handlers and ``task_success``."""
         self._handle(
             request, "on_success", result, request.id, request.args, request.kwargs
         )
@@ -129,7 +158,12 @@ class BatchOutcomes:
                 signals.task_success.send(sender=self.task, result=result)
         self._after_return(request, states.SUCCESS, result)
 
-    def _send_callbacks_and_store(self, request: SimpleRequest, result: Any) -> None:
+    def _send_callbacks_and_store(self, request: SimpleRequest, result: Any) -> bool:
+        """Send the call's callbacks and store (or collect) its result.
+
+        Returns ``True`` if the result was collected, to be stored by
+        :meth:`store`.
+        """
         task = self.task
         ctx = request.context
         app = task.app
@@ -153,13 +187,14 @@ class BatchOutcomes:
             # Encodes now, so a value the serializer refuses fails here, for
             # this call, not when the batch's results are written.
             writer.add(request, result)
-        else:
-            task.backend.mark_as_done(
-                request.id,
-                result,
-                request=ctx,
-                store_result=self.store_results and not request.ignore_result,
-            )
+            return True
+        task.backend.mark_as_done(
+            request.id,
+            result,
+            request=ctx,
+            store_result=self.store_results and not request.ignore_result,
+        )
+        return False
 
     def failure(
         self,
@@ -259,15 +294,7 @@ class BatchOutcomes:
         if countdown is None and eta is None:
             countdown = _default_delay(task, retries)
         try:
-            task.signature_from_request(
-                ctx,
-                request.args,
-                request.kwargs,
-                task_id=request.id,
-                countdown=countdown,
-                eta=eta,
-                retries=retries + 1,
-            ).apply_async()
+            self._send_again(request, countdown=countdown, eta=eta, retries=retries + 1)
         # The broker refused the retry (or the call's options are corrupt):
         # the call cannot run again, so it fails, as a plain task whose
         # retry cannot be sent fails.
@@ -299,9 +326,12 @@ class BatchOutcomes:
                     exc_info=True,
                 )
         request._settle(states.RETRY, reason)
+        # safe_str: the reason is the user's exception, and its __str__ may
+        # raise; the retry is sent already, and how the reason prints must
+        # not fail this call, nor the ones of the batch not retried yet.
+        shown: str = safe_str(reason)  # type: ignore[no-untyped-call]
         task_logger.info(
-            LOG_RETRY.strip(),
-            {"id": request.id, "name": request.name, "exc": str(reason)},
+            LOG_RETRY.strip(), {"id": request.id, "name": request.name, "exc": shown}
         )
         if "on_retry" in self._handlers:
             self._handle(
@@ -315,6 +345,26 @@ class BatchOutcomes:
             )
         if signals.task_retry.receivers:
             signals.task_retry.send(sender=task, request=ctx, reason=reason, einfo=None)
+
+    def _send_again(self, request: SimpleRequest, **options: Any) -> None:
+        """Send the call again, with ``options``, or keep it to run here.
+
+        With ``retry_here``, the retry runs in this process once the batch
+        has ended (:func:`~celery_batches.eager.eager_result`), as Celery's
+        ``apply()`` runs an eager task's retry: never through a broker the
+        caller may not have.
+        """
+        again = self.task.signature_from_request(
+            request.context,
+            request.args,
+            request.kwargs,
+            task_id=request.id,
+            **options,
+        )
+        if self.retry_here:
+            request._eager_retry = again
+        else:
+            again.apply_async()
 
     def predicate(self, request: SimpleRequest, exc: Reject | Ignore) -> None:
         """Leave the call to the worker's own handling of ``Reject``/``Ignore``.
@@ -375,8 +425,8 @@ class BatchOutcomes:
             "name": request.name,
             "exc": saferepr(exc),
             "traceback": einfo.traceback,
-            "args": saferepr(request.args),
-            "kwargs": saferepr(request.kwargs),
+            "args": _args_repr(request),
+            "kwargs": _kwargs_repr(request),
             "description": policy.description,
             "internal": einfo.internal,
         }
@@ -402,22 +452,33 @@ class BatchOutcomes:
                 "name": request.name,
                 "return_value": saferepr(settlement[1], maxsize),
                 "runtime": runtime,
-                "args": saferepr(request.args),
-                "kwargs": saferepr(request.kwargs),
+                "args": _args_repr(request),
+                "kwargs": _kwargs_repr(request),
             }
             task_logger.info(LOG_SUCCESS.strip(), context, extra={"data": context})
 
     # -- the whole batch ---------------------------------------------------
 
     def distribute(
-        self, requests: list[SimpleRequest], retval: Any
+        self,
+        requests: list[SimpleRequest],
+        retval: Any,
+        *,
+        calls: list[SimpleRequest] | None = None,
     ) -> ResultShapeError | None:
         """Settle each call with its value from a ``per_request_results`` body.
+
+        ``requests`` is the body's list as the body left it, which a
+        sequence of values pairs with, in order; a mapping pairs by id with
+        ``calls``, every call of the batch (default: ``requests``), so what
+        the body did to its list does not matter to it.
 
         Returns:
             A :exc:`~celery_batches.errors.ResultShapeError` if ``retval`` is
             not one value per call (nothing is settled then), else ``None``.
         """
+        if calls is not None and isinstance(retval, Mapping):
+            requests = calls
         if all(request.settled for request in requests):
             # The body settled every call itself: its return value is not a
             # result of any of them, whatever it is.
@@ -455,7 +516,7 @@ class BatchOutcomes:
     def retry_unsettled(
         self,
         requests: list[SimpleRequest],
-        exc: BaseException | None,
+        exc: BaseException | str | None,
         options: dict[str, Any] | None = None,
     ) -> None:
         """Send every call of ``requests`` not settled yet again.
@@ -484,20 +545,30 @@ class BatchOutcomes:
                 self.predicate(request, exc)
 
     def store(self) -> None:
-        """Write the results collected for one round trip; later ones go at once."""
+        """Write the results collected for one round trip; later ones go at once.
+
+        Then run what follows each of those calls' SUCCESS (its
+        ``on_success`` and ``after_return``, ``task_success``), now that
+        its result can be read back.
+        """
         writer, self._writer = self._writer, None
         if writer is not None:
             writer.flush()
+        stored, self._stored_later = self._stored_later, []
+        for request, result in stored:
+            self._succeeded(request, result)
 
-    @staticmethod
-    def outcome(request: SimpleRequest, runtime: float) -> Outcome:
+    def outcome(self, request: SimpleRequest, runtime: float) -> Outcome:
         """The ``(failed, retval, runtime)`` the worker settles the message by."""
         settlement = request._settlement
         if settlement is None:
             return (0, None, runtime)
         state, value = settlement
         if state == states.SUCCESS:
-            return (0, saferepr(value), runtime)
+            # Cut as Celery's tracer cuts it: it crosses the pool's pipe and
+            # goes out whole in every task-succeeded event.
+            maxsize = getattr(self.task, "resultrepr_maxsize", 1024)
+            return (0, saferepr(value, maxsize), runtime)
         if state == states.RETRY:
             retry = Retry(exc=get_pickleable_exception(value))
             return (1, _pickleable(exception_info(retry)), runtime)
@@ -535,6 +606,19 @@ def _pair(
         "a sequence of one value per request, in order, or a mapping of "
         "request.id to value"
     )
+
+
+def _args_repr(request: SimpleRequest) -> str:
+    # As Celery's tracer: the argsrepr the call was sent with first, which
+    # may hide what the arguments hold (Celery's documented way to keep
+    # secrets out of logs and error trackers).
+    shown = request.request_dict.get("argsrepr")
+    return shown if isinstance(shown, str) and shown else saferepr(request.args)
+
+
+def _kwargs_repr(request: SimpleRequest) -> str:
+    shown = request.request_dict.get("kwargsrepr")
+    return shown if isinstance(shown, str) and shown else saferepr(request.kwargs)
 
 
 def _default_delay(task: Task, retries: int) -> float:

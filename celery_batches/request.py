@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from celery import current_app
 from celery.app.task import Context
 from celery.utils.log import get_logger
 
@@ -14,6 +13,7 @@ if TYPE_CHECKING:
     from datetime import datetime
 
     from celery.app.task import Task
+    from celery.canvas import Signature
     from celery.worker.request import Request
 
     from .types import Outcomes
@@ -38,6 +38,7 @@ class SimpleRequest:
 
     __slots__ = (
         "_context",
+        "_eager_retry",
         "_outcome",
         "_outcomes",
         "_task",
@@ -109,6 +110,8 @@ class SimpleRequest:
         #: What settles this request: the outcome recorder of the batch that
         #: runs it, set in the process that runs it.
         self._outcomes: Outcomes | None = None
+        #: The retry of an eager call, run once its batch has ended.
+        self._eager_retry: Signature | None = None
 
     @classmethod
     def from_request(cls, request: Request) -> SimpleRequest:
@@ -201,12 +204,16 @@ class SimpleRequest:
         return ctx
 
     @property
-    def task(self) -> Task:
-        """The task this request is a call of."""
-        if self._task is not None:
-            return self._task
-        name = self.request_dict.get("task") or self.name
-        return current_app.tasks[name]
+    def task(self) -> str:
+        """The name of the task this request is a call of, as ``Context.task``.
+
+        A result backend given this request reads it (the ``name`` of an
+        extended result): ``app.backend.mark_as_done(request.id, value,
+        request=request)``, the 0.11 way of storing a result, passes it.
+        Unlike :attr:`name`, never a ``shadow`` name.
+        """
+        task: str = self.request_dict.get("task") or self.name
+        return task
 
     def _recorder(self) -> Outcomes:
         outcomes = self._outcomes

@@ -67,7 +67,14 @@ def _rejecting_poison(
     def on_poison(message: Any, exc: BaseException) -> Any:
         headers = message.headers if isinstance(message.headers, dict) else {}
         name, task_id = headers.get("task"), headers.get("id")
-        if name not in collectors_of(c) or not isinstance(task_id, str) or not task_id:
+        # The headers are what the sender wrote: a task name that is not a
+        # string (a list cannot even be looked up) is no batch task's.
+        if (
+            not isinstance(name, str)
+            or name not in collectors_of(c)
+            or not isinstance(task_id, str)
+            or not task_id
+        ):
             return on_decode_error(message, exc)
         error = InvalidTaskError(
             f"Malformed message for batch task {name}[{task_id}]: {exc!r}"

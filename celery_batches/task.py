@@ -123,7 +123,7 @@ class Batches(Task):  # type: ignore[misc]
         self,
         args: Any = None,
         kwargs: Any = None,
-        exc: BaseException | None = None,
+        exc: BaseException | str | None = None,
         throw: bool = True,
         eta: Any = None,
         countdown: float | None = None,
@@ -160,19 +160,24 @@ class Batches(Task):  # type: ignore[misc]
         Returns:
             An :class:`~celery.result.EagerResult` holding this call's own
             result if the body settled it (or ``per_request_results`` did),
-            else what the body returned. If the call failed and
+            else what the body returned. A call the body retried runs again
+            at once, in this process, as Celery's ``apply()`` runs a retry
+            (``countdown`` and ``eta`` are not waited for), and the result is
+            that of its last run. If the call failed and
             ``throw=True`` or ``task_eager_propagates`` is set, the
             exception is raised.
         """
         task_id = options.get("task_id") or uuid()
         request = eager_request(self, task_id, args, kwargs, options)
-        # As Celery's eager calls: stored only with task_store_eager_result.
+        # As Celery's eager calls: stored only with task_store_eager_result,
+        # and a retry runs here, at once, its outcome the call's.
         retval, _ = run_batch(
             self,
             [request],
             eager=True,
             hostname=request.hostname,
             store_results=bool(getattr(self, "store_eager_result", False)),
+            retry_here=True,
         )
         throw = options.get("throw")
         if throw is None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from celery.utils.log import get_logger
+
 _otel: Any
 try:  # an optional integration: nothing to do without OpenTelemetry
     import opentelemetry.propagate
@@ -15,6 +17,8 @@ except ImportError:  # pragma: no cover - exercised where it is not installed
     _otel = None
 
 __all__ = ["link_calls", "record_failure"]
+
+logger = get_logger(__name__)
 
 
 def link_calls(calls: Iterable[Any]) -> int:
@@ -37,7 +41,13 @@ def link_calls(calls: Iterable[Any]) -> int:
     linked = 0
     for call in calls:
         # The message headers are in the call's request dict.
-        context = propagate.extract(call.request_dict)
+        try:
+            context = propagate.extract(call.request_dict)
+        # The headers are whatever the sender wrote (a traceparent that is
+        # a number makes the propagator raise): the link is best effort,
+        # and such a call's is skipped rather than failing its batch.
+        except Exception:  # noqa: BLE001
+            continue
         sent_from = trace.get_current_span(context).get_span_context()
         if sent_from.is_valid:
             add_link(sent_from, {"messaging.message.id": call.id})
@@ -55,6 +65,14 @@ def record_failure(exc: BaseException) -> None:
     if _otel is None:
         return
     span = _otel.trace.get_current_span()
-    if span.is_recording():
+    if not span.is_recording():
+        return
+    try:
         span.record_exception(exc)
         span.set_status(_otel.trace.Status(_otel.trace.StatusCode.ERROR, repr(exc)))
+    # Both format the user's exception (str, repr), which may raise: the
+    # span then goes without it, and the calls fail with exc all the same.
+    except Exception:
+        logger.warning(
+            "Cannot record %s on the batch's span", type(exc).__name__, exc_info=True
+        )

@@ -36,11 +36,15 @@ def run_batch(
     eager: bool = False,
     hostname: str | None = None,
     store_results: bool = True,
+    retry_here: bool = False,
 ) -> tuple[Any, list[Outcome]]:
     """Run the body of ``task`` once for ``requests`` and settle every request.
 
     ``store_results=False`` settles the calls without writing to the result
     backend (eager calls, unless ``task_store_eager_result`` is set).
+    ``retry_here=True`` keeps each retry on its request, to run in this
+    process once the batch has ended, instead of sending it
+    (``Batches.apply()``).
 
     Returns:
         The body's return value (``None`` if it raised) and one
@@ -50,7 +54,7 @@ def run_batch(
         them, count the batch once.
     """
     batch_id = uuid()
-    outcomes = BatchOutcomes(task, store_results=store_results)
+    outcomes = BatchOutcomes(task, store_results=store_results, retry_here=retry_here)
     for request in requests:
         request._task = task
         request._outcomes = outcomes
@@ -147,9 +151,12 @@ def _call_body(
         if isinstance(exc, Retry):
             # The reason given to self.retry(exc=...), if any: past
             # max_retries a call fails with it, else with
-            # MaxRetriesExceededError, as Celery's Task.retry does.
+            # MaxRetriesExceededError, as Celery's Task.retry does. Celery's
+            # Retry keeps a string reason apart, in excs (for an exception,
+            # excs is only its repr).
             options = exc.options if isinstance(exc, BatchRetry) else None
-            outcomes.retry_unsettled(requests, exc.exc, options)
+            reason = exc.exc if exc.exc is not None else exc.excs
+            outcomes.retry_unsettled(requests, reason, options)
         elif _wants_autoretry(task, exc):
             outcomes.retry_unsettled(requests, exc)
         else:
@@ -165,7 +172,7 @@ def _call_body(
             outcomes.fail_unsettled(requests, exc)
         return None, exc
     if getattr(task, "per_request_results", False):
-        error = outcomes.distribute(batch, retval)
+        error = outcomes.distribute(batch, retval, calls=requests)
         if error is None and not all(request.settled for request in requests):
             error = ResultShapeError(
                 f"{task.name} returned no value for "
@@ -182,7 +189,7 @@ def _call_body(
 
 
 def retry_running_batch(
-    task: Task, exc: BaseException | None, options: dict[str, Any]
+    task: Task, exc: BaseException | str | None, options: dict[str, Any]
 ) -> bool:
     """Send every unsettled call of the batch ``task`` runs here again.
 

@@ -8,15 +8,21 @@ failed before its fix.
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import Any, ClassVar
 
 import pytest
+from celery import Celery
+from celery.utils.saferepr import saferepr
 from kombu.utils.uuid import uuid
 
+from celery_batches import Batches, SimpleRequest
+from tests.harness.brokers import BROKERS, REDIS_BACKEND
 from tests.harness.client import RawMessage
 from tests.harness.journal import Failure, Received
 from tests.harness.wait import wait_for
-from tests.harness.worker import Worker, Workers
+from tests.harness.worker import Worker, Workers, start_worker
+from tests.integration.test_monitoring import EventLog
 
 pytestmark = pytest.mark.fault
 
@@ -389,3 +395,560 @@ def test_calls_held_for_their_eta_do_not_stop_the_worker_receiving(
         # A warm shutdown gives the held calls back to the queue, which the
         # fixture deletes: none is left in the shared server's unacked index.
         worker.exit()
+
+
+# -- 11. a batch key whose repr raises -------------------------------------------
+
+
+class Unprintable:
+    """A batch key that hashes and compares, but whose repr raises."""
+
+    def __init__(self, tenant: str) -> None:
+        self.tenant = tenant
+
+    def __hash__(self) -> int:
+        return hash(self.tenant)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Unprintable) and other.tenant == self.tenant
+
+    def __repr__(self) -> str:
+        raise RuntimeError("not printable")
+
+
+def test_inspect_batches_answers_while_a_key_cannot_be_printed() -> None:
+    # given a worker holding calls of a task keyed by an object whose repr
+    # raises (batch_key may return any hashable), and calls of a plain key
+    app = Celery("attack.unprintable", set_as_current=False)
+
+    def key_of(request: SimpleRequest) -> object:
+        tenant = request.kwargs["tenant"]
+        return Unprintable(tenant) if tenant == "odd" else tenant
+
+    @app.task(
+        base=Batches,
+        name="attack.unprintable",
+        flush_every=50,
+        flush_interval=60,
+        batch_key=key_of,
+        shared=False,
+    )
+    def unprintable(requests: list[SimpleRequest]) -> None:
+        pass
+
+    try:
+        with start_worker(
+            app=app, pool="solo", batch_options={"flush_interval": 60}
+        ) as worker:
+            unprintable.delay(tenant="odd")
+            unprintable.delay(tenant="even")
+
+            def report() -> dict[str, Any] | None:
+                replies = app.control.broadcast("batches", reply=True, timeout=1)
+                for reply in replies or []:
+                    (state,) = reply.values()
+                    waiting = state.get("tasks", {}).get("attack.unprintable", {})
+                    if waiting.get("waiting") == 2:
+                        return state  # type: ignore[no-any-return]
+                return None
+
+            # when asked what it holds (celery inspect batches)
+            state = wait_for(report, timeout=10, what="an answer counting both calls")
+            assert worker.flushes() == []
+    finally:
+        app.close()
+    assert state is not None
+    # then it answers, showing each key; the one that cannot be printed as
+    # a placeholder naming its type, as the reply has to carry something
+    keys = [entry["key"] for entry in state["tasks"]["attack.unprintable"]["keys"]]
+    assert "even" in keys
+    (odd,) = [key for key in keys if key != "even"]
+    assert isinstance(odd, str) and "Unprintable" in odd
+
+
+# -- 12. arguments hidden with argsrepr ---------------------------------------
+
+
+class Keeping(logging.Handler):
+    """A log handler that keeps every record it is given."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__(level)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_the_calls_log_lines_keep_arguments_hidden_with_argsrepr() -> None:
+    # given a worker running a per_request_results task, and a handler on
+    # celery_batches.calls as an error tracker's logging integration has
+    app = Celery("attack.hidden", set_as_current=False)
+
+    @app.task(
+        base=Batches,
+        name="attack.hidden",
+        flush_every=2,
+        flush_interval=0.3,
+        per_request_results=True,
+        shared=False,
+    )
+    def hidden(requests: list[SimpleRequest]) -> list[Any]:
+        return [ValueError("no") if r.kwargs.get("fail") else 1 for r in requests]
+
+    handler = Keeping(logging.INFO)
+    records = handler.records
+    calls_logger = logging.getLogger("celery_batches.calls")
+    level = calls_logger.level
+    calls_logger.addHandler(handler)
+    calls_logger.setLevel(logging.INFO)
+    try:
+        with start_worker(app=app, pool="solo"):
+            # when two calls are sent with their secrets hidden as Celery
+            # documents it, with argsrepr and kwargsrepr; one of them fails
+            results = [
+                hidden.apply_async(
+                    ("hunter2",),
+                    {"token": "hunter2", "fail": fail},
+                    argsrepr="('<hidden>',)",
+                    kwargsrepr="{'token': '<hidden>'}",
+                )
+                for fail in (False, True)
+            ]
+            wait_for(
+                lambda: [r.state for r in results] == ["SUCCESS", "FAILURE"],
+                what="one call to succeed and one to fail",
+            )
+            wait_for(lambda: len(records) >= 2, what="both calls' log lines")
+    finally:
+        calls_logger.removeHandler(handler)
+        calls_logger.setLevel(level)
+        app.close()
+    # then, as in a plain task's lines, each call's line carries the
+    # argsrepr and kwargsrepr it was sent with, never the secret
+    data = [record.__dict__["data"] for record in records]
+    assert [(d["args"], d["kwargs"]) for d in data] == [
+        ("('<hidden>',)", "{'token': '<hidden>'}")
+    ] * 2
+    assert not [d for d in data if "hunter2" in repr(d)]
+
+
+# -- 13. a retry whose reason cannot be printed --------------------------------
+
+
+class Grumpy(Exception):
+    """An exception whose ``__str__`` raises (it formats an attribute it lacks)."""
+
+    def __str__(self) -> str:
+        raise AttributeError("Grumpy has no attribute 'detail'")
+
+
+def test_a_retry_whose_reason_cannot_be_printed_retries_every_call() -> None:
+    # given a worker running a task whose body retries the whole batch on
+    # its first run, for a reason whose str() raises
+    app = Celery("attack.grumpy", set_as_current=False)
+    runs: list[str] = []
+
+    @app.task(
+        base=Batches,
+        name="attack.grumpy",
+        bind=True,
+        flush_every=3,
+        flush_interval=0.3,
+        max_retries=3,
+        shared=False,
+    )
+    def grumpy(self: Batches, requests: list[SimpleRequest]) -> None:
+        runs.extend(r.id for r in requests)
+        if any(not r.request_dict.get("retries") for r in requests):
+            raise self.retry(exc=Grumpy(), countdown=0.1)
+        for r in requests:
+            r.mark_as_done(r.args[0])
+
+    try:
+        with start_worker(app=app, pool="solo"):
+            # when a batch of three calls has run, and their retries
+            results = [grumpy.delay(n) for n in range(3)]
+            wait_for(
+                lambda: all(r.state in ("SUCCESS", "FAILURE") for r in results),
+                what="every call to be settled",
+            )
+            states = [r.state for r in results]
+            values = [r.result for r in results]
+    finally:
+        app.close()
+    # then every call was retried, ran twice and succeeded: how the reason
+    # prints (it is only logged) does not decide what happens to a call
+    assert states == ["SUCCESS"] * 3, values
+    assert values == [0, 1, 2]
+    assert sorted(runs) == sorted([r.id for r in results] * 2)
+
+
+# -- 14. a large result in every call's outcome --------------------------------
+
+
+class SucceededLog(EventLog):
+    """The ``result`` of each ``task-succeeded`` event, by task id."""
+
+    def __init__(self, worker: Worker) -> None:
+        super().__init__(worker)
+        self.results: dict[str, Any] = {}
+
+    def __enter__(self) -> SucceededLog:
+        super().__enter__()
+        return self
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        super().on_event(event)
+        if event["type"] == "task-succeeded":
+            with self.lock:
+                self.results[event["uuid"]] = event["result"]
+
+
+def test_a_large_result_reaches_the_worker_shortened_as_celery_shortens_it(
+    workers: Workers,
+) -> None:
+    # given a worker sending task events, and a per_request_results task
+    # whose calls each return their argument
+    worker = workers.start("memory", "solo", conf={"worker_send_task_events": True})
+    late = worker.tasks.late
+    with SucceededLog(worker) as log:
+        # when a batch of calls each returns 200,000 characters
+        ids = [late.delay("x" * 200_000).id for _ in range(5)]
+        worker.wait_for_states(ids, ["SUCCESS"] * 5)
+        wait_for(lambda: set(ids) <= set(log.results), what="task-succeeded events")
+    # then the results are stored whole, but what goes back from the pool
+    # to the worker, and on to every monitor in task-succeeded, is the
+    # result's repr cut to resultrepr_maxsize (1024), as a plain task's is
+    assert [len(value) for value in worker.results(ids)] == [200_000] * 5
+    assert {log.results[i] for i in ids} == {saferepr("x" * 200_000, 1024)}
+
+
+# -- 15. the flush line of a key that is huge or cannot be printed -------------
+
+
+def test_the_flush_line_of_any_key_is_printable_and_bounded() -> None:
+    # given a worker logging its flushes, running a task keyed by what its
+    # calls were sent with: a 100,000-character tenant, or an object whose
+    # repr raises
+    app = Celery("attack.flushline", set_as_current=False)
+
+    def key_of(request: SimpleRequest) -> object:
+        tenant = request.kwargs["tenant"]
+        return Unprintable(tenant) if tenant == "odd" else tenant
+
+    @app.task(
+        base=Batches,
+        name="attack.flushline",
+        flush_every=2,
+        flush_interval=0.3,
+        batch_key=key_of,
+        shared=False,
+    )
+    def flushline(requests: list[SimpleRequest]) -> None:
+        pass
+
+    handler = Keeping(logging.INFO)
+    collector_logger = logging.getLogger("celery_batches.collector")
+    level = collector_logger.level
+    collector_logger.addHandler(handler)
+    collector_logger.setLevel(logging.INFO)
+    try:
+        with start_worker(app=app, pool="solo"):
+            # when a batch of each key has been flushed
+            for tenant in ("odd", "y" * 100_000):
+                flushline.delay(tenant=tenant)
+                flushline.delay(tenant=tenant)
+            wait_for(lambda: len(flush_lines(handler)) == 2, what="two flush lines")
+    finally:
+        collector_logger.removeHandler(handler)
+        collector_logger.setLevel(level)
+        app.close()
+    # then every batch's INFO line can be formatted and stays short,
+    # whatever key the calls' senders chose
+    lines = [record.getMessage() for record in flush_lines(handler)]
+    assert max(len(line) for line in lines) < 2048
+
+
+def flush_lines(handler: Keeping) -> list[logging.LogRecord]:
+    """The records of the flush line (one per batch) ``handler`` kept."""
+    return [r for r in handler.records if str(r.msg).startswith("Flushed a batch")]
+
+
+# -- 16. a flush hook that raises after handing its batch over -----------------
+
+
+class Audited(Batches):
+    """Counts each batch after handing it over, with a counter that fails."""
+
+    abstract = True
+
+    def flush(self, requests: list[Any]) -> Any:
+        handed = super().flush(requests)
+        self.count_batch(len(requests))
+        return handed
+
+    def count_batch(self, size: int) -> None:
+        raise ConnectionError("the metrics server is down")
+
+
+def test_a_flush_hook_that_raises_after_super_does_not_fail_calls_that_ran() -> None:
+    # given a worker running a task whose flush hook hands each batch over
+    # (super().flush) and then raises, and an errback on each call
+    app = Celery("attack.audited", set_as_current=False)
+    runs: list[str] = []
+    errbacks: list[str] = []
+
+    @app.task(
+        base=Audited,
+        name="attack.audited",
+        flush_every=2,
+        flush_interval=0.3,
+        per_request_results=True,
+        shared=False,
+    )
+    def audited(requests: list[SimpleRequest]) -> list[Any]:
+        runs.extend(r.id for r in requests)
+        return [r.args[0] for r in requests]
+
+    @app.task(name="attack.errback", shared=False)
+    def errback(task_id: str) -> None:
+        errbacks.append(task_id)
+
+    try:
+        with start_worker(app=app, pool="solo"):
+            # when a batch of two calls is flushed
+            results = [
+                audited.apply_async((n,), link_error=errback.s()) for n in range(2)
+            ]
+            wait_for(lambda: len(runs) == 2, what="the batch to run")
+            sentinel = errback.delay("sentinel")
+            wait_for(lambda: "sentinel" in errbacks, what="the errback task to run")
+            states = [r.state for r in results]
+            values = [r.result for r in results]
+            assert sentinel.state == "SUCCESS"
+    finally:
+        app.close()
+    # then the calls, which ran once each and succeeded, are not also
+    # failed by the hook's error: no errback fires for them and SUCCESS
+    # stands (the hook fails only the calls it did not hand over)
+    assert sorted(runs) == sorted(r.id for r in results)
+    assert states == ["SUCCESS", "SUCCESS"], values
+    assert errbacks == ["sentinel"]
+
+
+# -- 17. on_success before the result is stored --------------------------------
+
+
+class Announcing(Batches):
+    """Reads each call's stored state from its own on_success and after_return."""
+
+    abstract = True
+    seen: ClassVar[list[tuple[str, str]]] = []
+
+    def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
+        self.seen.append(("on_success", self.AsyncResult(task_id).state))
+
+    def after_return(self, status: str, retval: Any, task_id: str, *rest: Any) -> None:
+        self.seen.append(("after_return", self.AsyncResult(task_id).state))
+
+
+def test_on_success_runs_once_the_calls_result_is_stored() -> None:
+    # given a worker with a Redis result backend (results stored in bulk)
+    # running a task whose on_success and after_return read the call's
+    # stored state, as a handler announcing "result ready" would
+    app = Celery("attack.announcing", set_as_current=False)
+    Announcing.seen = []
+
+    @app.task(
+        base=Announcing,
+        name="attack.announcing",
+        flush_every=2,
+        flush_interval=0.3,
+        per_request_results=True,
+        shared=False,
+    )
+    def announcing(requests: list[SimpleRequest]) -> list[Any]:
+        return [r.args[0] for r in requests]
+
+    try:
+        with start_worker(
+            "memory", "solo", app=app, urls=(BROKERS["memory"][0], REDIS_BACKEND)
+        ):
+            # when a batch of two calls succeeds
+            results = [announcing.delay(n) for n in range(2)]
+            wait_for(lambda: len(Announcing.seen) == 4, what="four handler calls")
+            assert [r.get(timeout=10) for r in results] == [0, 1]
+    finally:
+        app.close()
+    # then, as the handlers section promises ("on_success ... once its
+    # result is stored"), each handler finds its call's result stored
+    assert (
+        Announcing.seen
+        == [
+            ("on_success", "SUCCESS"),
+            ("after_return", "SUCCESS"),
+        ]
+        * 2
+    )
+
+
+# -- 18. the 0.11 way of storing results, with extended results ----------------
+
+
+def test_the_0_11_way_of_storing_results_works_with_extended_results() -> None:
+    # given a worker with result_extended on, running a task that stores
+    # each call's result the 0.11 way, passing the request to the backend
+    # as docs/examples/migration.py does ("so that rpc://, chords and
+    # extended results work")
+    app = Celery("attack.extended", set_as_current=False)
+
+    @app.task(base=Batches, name="attack.extended", flush_every=2, shared=False)
+    def square(requests: list[SimpleRequest]) -> None:
+        for request in requests:
+            app.backend.mark_as_done(request.id, request.args[0] ** 2, request=request)
+
+    try:
+        with start_worker(
+            "memory",
+            "solo",
+            app=app,
+            conf={"result_extended": True},
+            urls=(BROKERS["memory"][0], REDIS_BACKEND),
+            batch_options={"flush_interval": 0.3},
+        ):
+            # when a batch of two calls has run
+            results = [square.delay(n) for n in (3, 4)]
+            wait_for(
+                lambda: all(r.state != "PENDING" for r in results),
+                what="both calls to be stored",
+            )
+            stored = [(r.state, r.result, r.name) for r in results]
+    finally:
+        app.close()
+    # then each result is stored, with the task's name as extended results
+    # record it
+    assert stored == [
+        ("SUCCESS", 9, "attack.extended"),
+        ("SUCCESS", 16, "attack.extended"),
+    ]
+
+
+# -- 19. a body that consumes its list and answers by id -----------------------
+
+
+def test_a_body_that_pops_its_requests_and_answers_by_id_settles_each_call() -> None:
+    # given a per_request_results task whose body consumes the list it is
+    # given (request = requests.pop()) and answers with a mapping of
+    # request.id to value, the shape per-request.rst offers "for when
+    # building the answers in order is awkward"
+    app = Celery("attack.byid", set_as_current=False)
+
+    @app.task(
+        base=Batches,
+        name="attack.byid",
+        flush_every=3,
+        flush_interval=0.3,
+        per_request_results=True,
+        shared=False,
+    )
+    def by_id(requests: list[SimpleRequest]) -> dict[str, Any]:
+        answers = {}
+        while requests:
+            request = requests.pop()
+            answers[request.id] = request.args[0] * 2
+        return answers
+
+    try:
+        with start_worker(app=app, pool="solo"):
+            # when a batch of three calls has run
+            results = [by_id.delay(n) for n in range(3)]
+            wait_for(
+                lambda: all(r.state != "PENDING" for r in results),
+                what="every call to be settled",
+            )
+            settled = [(r.state, r.result) for r in results]
+    finally:
+        app.close()
+    # then each call has the value the mapping gave its id: the ids are the
+    # batch's, whatever the body did to its list
+    assert settled == [("SUCCESS", 0), ("SUCCESS", 2), ("SUCCESS", 4)]
+
+
+# -- 20. a body that does not decompress, under a task header that is a list ----
+
+
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_a_body_that_does_not_decompress_under_an_odd_task_header_is_dropped(
+    workers: Workers, broker: str
+) -> None:
+    # given a worker, and a message whose body does not decompress and
+    # whose task header is a list (Kombu hands such a message to the task
+    # consumer's decode-error handler before any strategy sees it)
+    worker = workers.start(broker, "solo")
+    collect = worker.tasks.collect
+    bad, good = uuid(), uuid()
+    headers = worker.headers(collect, bad, compression="application/x-gzip")
+    headers["task"] = [collect.name]
+    worker.publish(RawMessage(b"not compressed", headers), call(worker, collect, good))
+    # when the worker has consumed it and a good call after it
+    wait_for(
+        lambda: worker.states([good]) == ["SUCCESS"] or not worker.alive(),
+        timeout=30,
+        what="the good call to succeed (or the worker to die)",
+    )
+    # then the worker is still running, as it is after any other poison
+    # message, the good call ran, and the bad message is not on the broker
+    assert worker.alive(), worker.log()[-3000:]
+    assert worker.states([good]) == ["SUCCESS"]
+    assert worker.exit() == 0, worker.log()[-3000:]
+    assert worker.queue_depth() == 0
+
+
+# -- 21. a flush hook that leaves calls out of the batch -----------------------
+
+
+class Filtering(Batches):
+    """Hands over each batch without its calls of 1 (a dedupe, say)."""
+
+    abstract = True
+
+    def flush(self, requests: list[Any]) -> Any:
+        return super().flush([r for r in requests if r.args[0] != 1])
+
+
+def test_a_call_a_flush_hook_leaves_out_is_settled_not_stranded() -> None:
+    # given a worker running a task whose flush hook hands each batch over
+    # without some of its calls, as the hook's docs allow ("see or change
+    # each batch before it runs")
+    app = Celery("attack.filtering", set_as_current=False)
+
+    @app.task(
+        base=Filtering,
+        name="attack.filtering",
+        flush_every=2,
+        flush_interval=0.3,
+        per_request_results=True,
+        shared=False,
+    )
+    def filtering(requests: list[SimpleRequest]) -> list[Any]:
+        return [r.args[0] for r in requests]
+
+    def reserved() -> list[str]:
+        replies = app.control.inspect(timeout=1).reserved() or {}
+        return [call["id"] for calls in replies.values() for call in calls]
+
+    try:
+        with start_worker(app=app, pool="solo"):
+            # when a batch of a call the hook keeps and one it leaves out runs
+            kept, left = (filtering.delay(n) for n in (0, 1))
+            wait_for(lambda: kept.state == "SUCCESS", what="the kept call to run")
+            # then the call left out does not wait unacked in the worker for
+            # ever: it is settled (FAILURE, naming the hook) and no longer
+            # reserved, as a call a raising hook does not hand over is
+            wait_for(lambda: left.state != "PENDING", timeout=5, what="the left call")
+            assert left.state == "FAILURE"
+            assert "flush" in str(left.result)
+            assert left.id not in reserved()
+    finally:
+        app.close()
