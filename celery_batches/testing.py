@@ -51,11 +51,14 @@ def apply_batch(
 
     The batch runs as the worker would run it: signals fire, requests the
     body settles keep their outcome, ``per_request_results`` is honoured, and
-    a body that raises fails every request it left unsettled. No worker,
-    broker or result backend is needed: as for Celery's eager calls,
-    nothing is stored unless ``store`` (default: the app's
-    ``task_store_eager_result``) asks for it; then results and failures
-    reach the result backend as they would in a worker.
+    a body that raises fails every request it left unsettled. No worker or
+    result backend is needed: as for Celery's eager calls, nothing is
+    stored unless ``store`` (default: the app's ``task_store_eager_result``)
+    asks for it; then results and failures reach the result backend as they
+    would in a worker. Nor is a broker, unless the body retries a call: the
+    call is then ``RETRY`` and its retry is sent to the app's broker, as a
+    worker sends it, so that a test can see its countdown and options
+    (``task.apply()`` runs the retry in this process instead).
 
     Arguments:
         task: the batch task.
