@@ -14,6 +14,7 @@ from celery.worker import state as worker_state
 from ._compat import survive_collected_redis_transport, wake_hub_with_pending_callbacks
 from .acks import install_group_acks
 from .collector import collectors_of
+from .delivery import deliver_in_batches
 from .dispatch import inline_pool, uses_processes
 
 if TYPE_CHECKING:
@@ -97,6 +98,9 @@ class BatchesStep(bootsteps.StartStopStep):  # type: ignore[misc]
     def __init__(self, c: Consumer, **kwargs: Any) -> None:
         super().__init__(c, **kwargs)
         self._tick: Any = None
+        # Steps are made with the consumer, before its first connection:
+        # on Redis, that connection delivers many messages per round trip.
+        deliver_in_batches(c)
 
     def start(self, c: Consumer) -> None:
         # Runs after the Tasks step made the task consumer and before the

@@ -32,12 +32,21 @@ Private name (library)                        Checked on    Safe?  Can go when
 green timers' ``entry`` (Celery)              5.2-5.7       yes    Celery's green
                                                                    timers cancel a
                                                                    repeat themselves
-Redis ``QoS._remove_from_indices``,           5.2-5.7       yes    Kombu acks many
-``pipe_or_acquire``, ``_delivered`` (Kombu)                        tags in one call
+Redis ``QoS.pipe_or_acquire``,                5.2-5.7       yes    Kombu acks many
+``_delivered`` and its keys (Kombu)                                tags in one call
 py-amqp ``Channel.callbacks``,                5.0-5.3       no     (public attributes
 ``no_ack_consumers``                                               of py-amqp, listed
                                                                    for the canary)
+``Connection._transport`` (Kombu)             5.2-5.7       yes    (never: a guard)
 ============================================  ============  =====  ===================
+
+The Redis transport subclass (:mod:`celery_batches.redis_transport`) is a
+Kombu extension rather than a reach into Kombu's state: it overrides the
+methods Kombu's own channel calls (``_brpop_start``, ``_brpop_read``,
+``_put``, ``conn_or_acquire``...). What it relies on in them is checked by
+the canaries in ``tests/unit/test_redis_transport.py``, and
+:func:`celery_batches.redis_transport.supported` keeps Kombu's own
+transport where a name is missing.
 
 "Safe" says what happens if the name changes: *yes*, the package falls back
 to Celery's own behaviour (slower, or without one fix); *no*, it fails, and
@@ -63,6 +72,7 @@ from .kombu import (
     redis_group_ackable,
     redis_remove_from_unacked,
     survive_collected_redis_transport,
+    transport_created,
     wake_hub_with_pending_callbacks,
 )
 
@@ -80,5 +90,6 @@ __all__ = [
     "request_context",
     "request_context_or_none",
     "survive_collected_redis_transport",
+    "transport_created",
     "wake_hub_with_pending_callbacks",
 ]

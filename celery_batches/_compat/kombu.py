@@ -17,6 +17,7 @@ __all__ = [
     "redis_group_ackable",
     "redis_remove_from_unacked",
     "survive_collected_redis_transport",
+    "transport_created",
     "wake_hub_with_pending_callbacks",
 ]
 
@@ -146,23 +147,32 @@ def survive_collected_redis_transport(channel: Any) -> None:
 def redis_group_ackable(channel: Any) -> bool:
     """Return ``True`` if ``channel``'s unacked bookkeeping can be pipelined.
 
-    Kombu's Redis ``QoS`` has had ``_remove_from_indices`` (private) and
-    ``pipe_or_acquire`` since 4.x (checked on 5.2-5.7). Fails safe: without
-    them, a batch keeps Celery's own acks.
+    Kombu's Redis ``QoS`` has had ``pipe_or_acquire``, ``unacked_key`` and
+    ``unacked_index_key`` since 4.x (checked on 5.2-5.7). Fails safe:
+    without them, a batch keeps Celery's own acks.
     """
     qos = channel.qos
-    return hasattr(qos, "_remove_from_indices") and hasattr(qos, "pipe_or_acquire")
+    return all(
+        hasattr(qos, name)
+        for name in ("pipe_or_acquire", "unacked_key", "unacked_index_key")
+    )
 
 
 def redis_remove_from_unacked(qos: Any, delivery_tags: list[Any]) -> None:
     """Remove ``delivery_tags`` from the transport's unacked index in one pipeline.
 
-    What Kombu's Redis ``QoS.ack`` sends for one message, for many: one
-    round trip instead of one each.
+    What Kombu's Redis ``QoS.ack`` sends for one message (``ZREM`` from the
+    index, ``HDEL`` from the hash, in a transaction), for many: one round
+    trip instead of one each, and two commands naming every tag instead of
+    two per tag, which the client would otherwise encode and read back one
+    by one. ``unacked_key`` and ``unacked_index_key`` are the QoS's public
+    names of Kombu's keys (a ``global_keyprefix`` is added by its client).
     """
+    if not delivery_tags:
+        return
     with qos.pipe_or_acquire() as pipe:
-        for tag in delivery_tags:
-            qos._remove_from_indices(tag, pipe)
+        pipe.zrem(qos.unacked_index_key, *delivery_tags)
+        pipe.hdel(qos.unacked_key, *delivery_tags)
         pipe.execute()
 
 
@@ -176,3 +186,14 @@ def redis_forget_delivered(qos: Any, delivery_tag: Any) -> None:
     from kombu.transport.virtual.base import QoS as VirtualQoS
 
     VirtualQoS.ack(qos, delivery_tag)  # type: ignore[no-untyped-call]
+
+
+def transport_created(connection: Any) -> bool:
+    """Return ``True`` once ``connection`` made its transport object.
+
+    Kombu's ``Connection.transport`` makes it on first use and keeps it in
+    ``_transport`` (private, 5.2-5.7); until then ``transport_cls`` may
+    still be changed. Fails safe: without the attribute, the transport
+    counts as made and is left alone.
+    """
+    return getattr(connection, "_transport", True) is not None

@@ -110,8 +110,12 @@ def test_canary_kombu_redis_qos_bookkeeping() -> None:
     from kombu.transport.redis import QoS as RedisQoS
     from kombu.transport.virtual.base import QoS as VirtualQoS
 
-    for name in ("_remove_from_indices", "pipe_or_acquire", "restore_unacked"):
+    for name in ("pipe_or_acquire", "restore_unacked"):
         assert callable(getattr(RedisQoS, name)), name
+    # redis_remove_from_unacked names the keys Kombu's QoS removes a tag from
+    source = inspect_source(RedisQoS._remove_from_indices)
+    assert "zrem(self.unacked_index_key, delivery_tag)" in source
+    assert "hdel(self.unacked_key, delivery_tag)" in source
     assert callable(VirtualQoS.ack)
 
 
@@ -138,3 +142,15 @@ def inspect_source(function: object) -> str:
     import inspect
 
     return inspect.getsource(function)  # type: ignore[arg-type]
+
+
+def test_canary_kombu_connection_makes_its_transport_lazily() -> None:
+    from kombu.connection import Connection
+
+    from celery_batches._compat import transport_created
+
+    connection = Connection("memory://")
+    assert connection._transport is None and not transport_created(connection)
+    connection.transport  # noqa: B018
+    assert transport_created(connection)
+    connection.release()
