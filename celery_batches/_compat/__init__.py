@@ -37,6 +37,12 @@ Redis ``QoS.pipe_or_acquire``,                5.2-5.7       yes    Kombu acks ma
 py-amqp ``Channel.callbacks``,                5.0-5.3       no     (public attributes
 ``no_ack_consumers``                                               of py-amqp, listed
                                                                    for the canary)
+``send_task``'s calls of ``app.amqp``'s       5.2-5.7       yes    Celery publishes
+``create_task_message`` and                                        many calls in one
+``send_task_message`` (Celery; public                              go itself
+attributes, wrapped in place)
+py-amqp ``Transport._write``, a channel's     5.0-5.3       yes    py-amqp writes
+``basic_publish`` (wrapped in place)                               many frames at once
 ``Connection._transport`` (Kombu)             5.2-5.7       yes    (never: a guard)
 ============================================  ============  =====  ===================
 
@@ -57,15 +63,18 @@ message as malformed: loud, if not graceful.
 from __future__ import annotations
 
 from .celery import (
+    MessageCall,
     acks_plainly,
     current_task_stack,
     message_options,
     needs_revoke_check,
     per_consumer_qos,
+    recording_task_messages,
     request_context,
     request_context_or_none,
 )
 from .kombu import (
+    amqp_publishes_held,
     cancel_timer_entry,
     narrow_prefetch,
     redis_forget_delivered,
@@ -77,13 +86,16 @@ from .kombu import (
 )
 
 __all__ = [
+    "MessageCall",
     "acks_plainly",
+    "amqp_publishes_held",
     "cancel_timer_entry",
     "current_task_stack",
     "message_options",
     "narrow_prefetch",
     "needs_revoke_check",
     "per_consumer_qos",
+    "recording_task_messages",
     "redis_forget_delivered",
     "redis_group_ackable",
     "redis_remove_from_unacked",

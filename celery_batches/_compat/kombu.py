@@ -6,11 +6,14 @@ in :mod:`celery_batches._compat`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Callable
 
 from celery.utils.log import get_logger
 
 __all__ = [
+    "amqp_publishes_held",
     "cancel_timer_entry",
     "narrow_prefetch",
     "redis_forget_delivered",
@@ -186,6 +189,80 @@ def redis_forget_delivered(qos: Any, delivery_tag: Any) -> None:
     from kombu.transport.virtual.base import QoS as VirtualQoS
 
     VirtualQoS.ack(qos, delivery_tag)  # type: ignore[no-untyped-call]
+
+
+@contextmanager
+def amqp_publishes_held(
+    channel: Any, connection: Any, on_early_write: Callable[[], None]
+) -> Iterator[tuple[Callable[[], None], Callable[[], None]] | None]:
+    """Hold the frames of ``channel.basic_publish`` on py-amqp until flushed.
+
+    Yields ``flush`` and ``discard``: ``flush()`` writes every held frame in
+    one ``sendall`` (raising what the socket raises), ``discard()`` forgets
+    them. Any other write on the connection (a declare, which then waits
+    for its reply) first writes what is held, so frames keep their order
+    and nothing waits on a frame not sent; ``on_early_write()`` is called
+    when that happens. Yields ``None`` where frames
+    cannot be held: not py-amqp, or publisher confirms on (Kombu's
+    ``confirm_publish`` waits for the broker inside ``basic_publish``).
+
+    py-amqp writes each frame through its transport's ``_write`` (private,
+    an instance attribute set when the socket connects, 5.0 to 5.3; a
+    method of the SSL transport), from one buffer it reuses: what is held
+    is a copy. Both ``_write`` and the channel's ``basic_publish`` are
+    replaced on these instances for the duration, and put back after.
+    """
+    transport = getattr(getattr(connection, "connection", None), "transport", None)
+    if (
+        transport is None
+        or not callable(getattr(transport, "_write", None))
+        or connection.transport_options.get("confirm_publish")
+        or not callable(getattr(channel, "basic_publish", None))
+    ):
+        yield None
+        return
+    own_write = "_write" in vars(transport)
+    write = transport._write
+    publish = channel.basic_publish
+    held: list[bytes] = []
+    publishing = [False]
+
+    def flush() -> None:
+        if held:
+            data = b"".join(held)
+            held.clear()
+            # Through py-amqp's own write, which marks the transport as
+            # disconnected when the socket fails.
+            transport.write(data)
+
+    def hold_or_write(data: Any) -> None:
+        if publishing[0]:
+            held.append(bytes(data))
+            return
+        if held:
+            pending = b"".join(held)
+            held.clear()
+            write(pending)
+            on_early_write()
+        write(data)
+
+    def held_publish(*args: Any, **kwargs: Any) -> Any:
+        publishing[0] = True
+        try:
+            return publish(*args, **kwargs)
+        finally:
+            publishing[0] = False
+
+    transport._write = hold_or_write
+    channel.basic_publish = held_publish
+    try:
+        yield flush, held.clear
+    finally:
+        if own_write:
+            transport._write = write
+        else:
+            del transport._write
+        del channel.basic_publish
 
 
 def transport_created(connection: Any) -> bool:
