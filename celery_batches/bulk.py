@@ -22,15 +22,17 @@ arguments (a ``shadow_name``, pydantic arguments, a router function, an
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable
 
+from celery import signals
 from celery.app.routes import MapRoute
 from celery.app.task import Task
-from kombu.utils.uuid import uuid
 
 from ._compat import MessageCall, recording_task_messages
 from .errors import BulkPublishError
 from .publisher import BulkPublisher, bulk_publisher
+from .template import Template, uuid4_strings
 
 if TYPE_CHECKING:
     from celery.result import AsyncResult, ResultSet
@@ -139,7 +141,7 @@ def apply_many(
         )
     results: list[AsyncResult | None] = [None] * len(pairs)
     with bulk_publisher(app) as publisher:
-        sender = _Sender(task, options, publisher.producer)
+        sender = _Sender(task, options, publisher)
         for start in range(0, len(pairs), chunk_size):
             chunk = range(start, min(start + chunk_size, len(pairs)))
             _publish_chunk(task, sender, publisher, chunk, pairs, ids, results)
@@ -165,7 +167,8 @@ def _pairs(calls: Iterable[Any]) -> list[Call]:
 
 def _ids(task_ids: Sequence[str] | None, count: int) -> list[str]:
     if task_ids is None:
-        return [uuid() for _ in range(count)]
+        # What apply_async uses (str(uuid4())), made in one go.
+        return uuid4_strings(count)
     ids = list(task_ids)
     if len(ids) != count:
         raise ValueError(f"task_ids holds {len(ids)} ids for {count} calls")
@@ -238,32 +241,101 @@ def _error(
 
 
 class _Sender:
-    """Publishes one call after another, by ``apply_async`` or its replay."""
+    """Publishes one call after another, each the cheapest exact way known.
 
-    def __init__(self, task: Any, options: dict[str, Any], producer: Any) -> None:
+    The first call is ``apply_async``, recorded; the next ones repeat what
+    Celery did for it (:func:`_replayer`); on Redis, from the third on, a
+    :class:`~celery_batches.template.Template` learnt from the first two
+    renders the message directly, where nothing observes the publishing
+    (no publish signal receivers, no ``task-sent`` event) and nothing in
+    the message comes from the clock.
+    """
+
+    def __init__(
+        self, task: Any, options: dict[str, Any], publisher: BulkPublisher
+    ) -> None:
         self.task = task
         self.options = options
-        self.producer = producer
-        self.replay: Callable[[str, Any, Any], AsyncResult] | None = None
-        self._recorded = False
+        self.publisher = publisher
+        self.producer = publisher.producer
+        self.sent = 0
+        self._replay: _Replay | None = None
+        self._render: Callable[[str, Any, Any], AsyncResult] | None = None
+        self._first_puts: list[tuple[str, Any]] = []
 
     def send(self, task_id: str, args: Any, kwargs: Any) -> AsyncResult:
-        replay = self.replay
+        render = self._render
+        if render is not None:
+            return render(task_id, args, kwargs)
+        self.sent += 1
+        replay = self._replay
         if replay is not None:
-            return replay(task_id, args, kwargs)
+            result, message = replay.send(task_id, args, kwargs)
+            if self.sent == 2:
+                self._render = self._templated(replay, message, (task_id, args, kwargs))
+            return result
         task = self.task
-        if self._recorded or not _replayable(task):
+        if self.sent > 1 or not _replayable(task):
             return task.apply_async(
                 args, kwargs, task_id=task_id, producer=self.producer, **self.options
             )
-        self._recorded = True
         amqp = task._get_app().amqp
         with recording_task_messages(amqp) as calls:
             result = task.apply_async(
                 args, kwargs, task_id=task_id, producer=self.producer, **self.options
             )
-        self.replay = _replayer(task, self.producer, self.options, calls, task_id)
+        self._first_puts = self.publisher.puts()
+        self._replay = _replayer(task, self.producer, self.options, calls, task_id)
         return result
+
+    def _templated(
+        self, replay: _Replay, message: Any, call: tuple[str, Any, Any]
+    ) -> Callable[[str, Any, Any], AsyncResult] | None:
+        first, second = self._first_puts, self.publisher.puts()
+        body = message.body
+        if (
+            # Protocol 2's (args, kwargs, embed); protocol 1 is left to Celery.
+            not isinstance(body, tuple)
+            or len(body) != 3
+            or len(first) != 1
+            or len(second) != 1
+            or first[0][0] != second[0][0]
+            or message.sent_event is not None
+            or "countdown" in self.options
+            or isinstance(self.options.get("expires"), (int, float))
+            or _observed()
+        ):
+            return None
+        key = self.publisher.list_key()
+        if key is None:
+            return None
+        template = Template.learn(
+            first=first[0][1],
+            second=second[0][1],
+            call=call,
+            embed=body[2],
+            amqp=self.task._get_app().amqp,
+            encode_body=self.publisher.encode_body,
+        )
+        if template is None:
+            return None
+        push, render, finish = self.publisher.push, template.render, replay.finish
+        check = replay.check
+
+        def send(task_id: str, args: Any, kwargs: Any) -> AsyncResult:
+            if check is not None:
+                check(*(args or ()), **(kwargs or {}))
+            push(key, render(task_id, args, kwargs))
+            return finish(task_id)
+
+        return send
+
+
+def _observed() -> bool:
+    """Whether anything listens to Celery's publishing of a task message."""
+    # task_sent: deprecated, still sent by Celery 5.
+    names = ("before_task_publish", "after_task_publish", "task_sent")
+    return any(getattr(getattr(signals, n, None), "receivers", None) for n in names)
 
 
 def _replayable(task: Any) -> bool:
@@ -279,14 +351,79 @@ def _replayable(task: Any) -> bool:
     )
 
 
+class _Replay:
+    """Publishes a call as Celery's ``send_task`` did a recorded one."""
+
+    def __init__(
+        self,
+        task: Any,
+        producer: Any,
+        options: dict[str, Any],
+        created: MessageCall,
+        sent: MessageCall,
+    ) -> None:
+        app = task._get_app()
+        amqp = app.amqp
+        self.name = task.name
+        self.producer = producer
+        self.create = getattr(
+            amqp.create_task_message, "__wrapped__", amqp.create_task_message
+        )
+        self.send_message = getattr(
+            amqp.send_task_message, "__wrapped__", amqp.send_task_message
+        )
+        self.create_rest, self.create_kwargs = created.args[4:], created.kwargs
+        send_kwargs = dict(sent.kwargs)
+        # The first call declared the queue on this connection and no I/O
+        # happens while messages are held: neither needs doing per call.
+        send_kwargs["declare"] = []
+        send_kwargs["retry"] = False
+        self.send_kwargs = send_kwargs
+        #: ``ignore_result`` as send_task worked it out for every call.
+        self.ignore_result = bool(self.create_kwargs.get("ignore_result", False))
+        self.on_task_call = app.backend.on_task_call
+        self.parent = (
+            app.current_worker_task if options.get("add_to_parent", True) else None
+        )
+        #: What apply_async checks the arguments with, if the task is typed.
+        self.check = getattr(task, "__header__", None) if task.typing else None
+        self.result_of: Callable[[str], AsyncResult] = task.AsyncResult
+        if type(task).AsyncResult is Task.AsyncResult:
+            # What Task.AsyncResult makes, without looking it all up per call.
+            self.result_of = partial(
+                app.AsyncResult, backend=task.backend, task_name=task.name
+            )
+
+    def send(self, task_id: str, args: Any, kwargs: Any) -> tuple[AsyncResult, Any]:
+        """Publish the call; return its result and Celery's message."""
+        if self.check is not None:
+            self.check(*(args or ()), **(kwargs or {}))
+        name = self.name
+        message = self.create(
+            task_id, name, args, kwargs, *self.create_rest, **self.create_kwargs
+        )
+        self.send_message(self.producer, name, message, **self.send_kwargs)
+        return self.finish(task_id), message
+
+    def finish(self, task_id: str) -> AsyncResult:
+        """What send_task does once the call's message is on its way."""
+        if not self.ignore_result:
+            self.on_task_call(self.producer, task_id)
+        result = self.result_of(task_id)
+        result.ignored = self.ignore_result
+        if self.parent is not None:
+            self.parent.add_trail(result)
+        return result
+
+
 def _replayer(
     task: Any,
     producer: Any,
     options: dict[str, Any],
     calls: list[MessageCall],
     task_id: str,
-) -> Callable[[str, Any, Any], AsyncResult] | None:
-    """Return a function publishing a call as ``calls`` did ``task_id``'s.
+) -> _Replay | None:
+    """Return what publishes a call as ``calls`` did ``task_id``'s.
 
     ``None`` if ``calls`` do not hold exactly what ``send_task`` does for
     one call: then every call goes through ``apply_async``.
@@ -307,35 +444,4 @@ def _replayer(
     ]
     if not sent:
         return None
-    app = task._get_app()
-    amqp = app.amqp
-    create = getattr(amqp.create_task_message, "__wrapped__", amqp.create_task_message)
-    send_message = getattr(
-        amqp.send_task_message, "__wrapped__", amqp.send_task_message
-    )
-    create_rest, create_kwargs = created[0].args[4:], created[0].kwargs
-    send_kwargs = dict(sent[0].kwargs)
-    # The first call declared the queue on this connection and no I/O
-    # happens while messages are held: neither needs doing per call.
-    send_kwargs["declare"] = []
-    send_kwargs["retry"] = False
-    ignore_result = bool(create_kwargs.get("ignore_result", False))
-    on_task_call = app.backend.on_task_call
-    parent = app.current_worker_task if options.get("add_to_parent", True) else None
-    check = getattr(task, "__header__", None) if task.typing else None
-    result_of = task.AsyncResult
-
-    def replay(task_id: str, args: Any, kwargs: Any) -> AsyncResult:
-        if check is not None:
-            check(*(args or ()), **(kwargs or {}))
-        message = create(task_id, name, args, kwargs, *create_rest, **create_kwargs)
-        if not ignore_result:
-            on_task_call(producer, task_id)
-        send_message(producer, name, message, **send_kwargs)
-        result = result_of(task_id)
-        result.ignored = ignore_result
-        if parent is not None:
-            parent.add_trail(result)
-        return result
-
-    return replay
+    return _Replay(task, producer, options, created[0], sent[0])

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from kombu import pools
+from kombu.utils.json import dumps
 
 from ._compat import amqp_publishes_held
 from .delivery import use_batch_transport
@@ -62,6 +63,29 @@ class BulkPublisher:
     def begin(self) -> None:
         """A call starts publishing."""
 
+    def puts(self) -> list[tuple[str, Any]]:
+        """The ``(queue, message)`` the transport wrote for the call so far.
+
+        Only where messages are Kombu's Redis envelopes; else empty.
+        """
+        return []
+
+    def list_key(self) -> Any:
+        """The list the call's one message went to, if that is all it wrote.
+
+        ``None`` unless Kombu's Redis transport wrote exactly one ``LPUSH``
+        of one message for the call so far.
+        """
+        return None
+
+    def push(self, key: Any, message: Any) -> None:
+        """Hold ``message`` (Kombu's envelope) for list ``key`` (Redis only)."""
+        raise NotImplementedError
+
+    def encode_body(self, body: bytes, encoding: str | None) -> tuple[Any, Any]:
+        """Encode a message body as the transport does (Redis only)."""
+        raise NotImplementedError
+
     def end(self) -> None:
         """The call that began has published all its messages."""
         self.pending += 1
@@ -82,25 +106,77 @@ class BulkPublisher:
         return count, True
 
 
+#: A call whose message waits in the pipeline's grouped ``LPUSH``.
+_GROUPED = (-1, -1)
+
+
 class _RedisPublisher(BulkPublisher):
     def __init__(self, producer: Any, pipe: Any) -> None:
         super().__init__(producer)
         self.pipe = pipe
+        self.channel = producer.channel
         #: Per call since the last flush, its commands in the pipeline.
         self.spans: list[tuple[int, int]] = []
         self._start = 0
+        self._pushed = False
+        #: Messages pushed (push()) since the last flush, and their list.
+        self._group: list[Any] = []
+        self._group_key: Any = None
 
     def begin(self) -> None:
         self._start = len(self.pipe.command_stack)
+        self._pushed = False
+        self.channel.bulk_puts.clear()
+
+    def puts(self) -> list[tuple[str, Any]]:
+        return list(self.channel.bulk_puts)
+
+    def list_key(self) -> Any:
+        # Kombu's _put wrote one LPUSH of one message for the call: the
+        # list (prefix included) its next calls' messages go to alike.
+        stack = self.pipe.command_stack[self._start :]
+        if len(stack) != 1:
+            return None
+        args = stack[0][0]
+        if len(args) != 3 or str(args[0]).upper() != "LPUSH":
+            return None
+        return args[1]
+
+    def push(self, key: Any, message: Any) -> None:
+        if self._group and key != self._group_key:
+            raise ValueError("one bulk pushes to one list")
+        self._group_key = key
+        # As Kombu's _put encodes it.
+        self._group.append(dumps(message))  # type: ignore[no-untyped-call]
+        self._pushed = True
+
+    def encode_body(self, body: bytes, encoding: str | None) -> tuple[Any, Any]:
+        return self.channel.encode_body(body, encoding)  # type: ignore[no-any-return]
 
     def end(self) -> None:
-        self.spans.append((self._start, len(self.pipe.command_stack)))
+        if self._pushed:
+            self.spans.append(_GROUPED)
+        else:
+            self.spans.append((self._start, len(self.pipe.command_stack)))
         self.pending += 1
 
     def flush(self) -> Flushed:
         spans, self.spans, self.pending = self.spans, [], 0
+        group, self._group = self._group, []
         if not spans:
             return Flushed([], [], [])
+        if group:
+            # One LPUSH of many values is many LPUSHes in one: the server
+            # pushes them in order, and the client encodes and reads back
+            # one command instead of one each. The key is the prefixed
+            # one Kombu's _put wrote, so it is not prefixed again.
+            self.pipe.pipeline_execute_command("LPUSH", self._group_key, *group)
+            spans = [
+                (len(self.pipe.command_stack) - 1, len(self.pipe.command_stack))
+                if span == _GROUPED
+                else span
+                for span in spans
+            ]
         try:
             # Not retried by redis-py (bulk_publisher checks): a pipeline
             # sent again after a broken connection could run twice.
@@ -119,7 +195,7 @@ class _RedisPublisher(BulkPublisher):
         return Flushed(published, refused, [], error)
 
     def discard(self) -> tuple[int, bool]:
-        self.spans, self.pending = [], 0
+        self.spans, self.pending, self._group = [], 0, []
         self.pipe.reset()
         return 0, False
 

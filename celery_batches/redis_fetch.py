@@ -6,9 +6,11 @@ unacked with a second round trip. :data:`FETCH_SCRIPT` does both for up to
 would (priority level first, then the queues in the consumer's rotating
 order), and writes each to the transport's unacked hash and index, in the
 same format Kombu writes, before it returns. A script runs atomically, so
-a popped message is in the unacked index before the worker could die with
-it; after a crash it comes back after the ``visibility_timeout``, as any
-unacked message does.
+a message it takes is in the unacked index before the worker could die
+with it; after a crash it comes back after the ``visibility_timeout``, as
+any unacked message does. (An idle worker still waits with ``BRPOP``,
+whose message comes with Kombu's window: Redis cannot wait on several
+lists without taking from one.)
 
 The functions here build the script's arguments and read its reply; they
 know nothing of Kombu's classes and are tested on their own.

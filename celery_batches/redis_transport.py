@@ -144,7 +144,11 @@ class BatchDelivery:
         self._fetch_refused = False
         #: The pipeline of the running bulk publish, if any.
         self._bulk_pipe: Any = None
+        self._bulk_client: Any = None
         self._putting: Any = None
+        #: ``(queue, message)`` of each ``_put`` into the bulk pipeline, for
+        #: the bulk publisher to read (it empties the list as it pleases).
+        self.bulk_puts: list[tuple[str, Any]] = []
         super().__init__(*args, **kwargs)
 
     # -- which queues are acked --------------------------------------------
@@ -328,19 +332,21 @@ class BatchDelivery:
         executes it, once or per chunk, and learns from its replies which
         commands the server carried out. Routing (exchanges, priorities,
         fanout) stays Kombu's; only the final ``LPUSH`` or ``PUBLISH`` of
-        each message waits in the pipeline. A queue declared with
-        ``x-expires`` is written at once, as Kombu writes it with a
-        pipeline of its own.
+        each message (and the ``PEXPIRE`` of a queue declared with
+        ``x-expires``) waits in the pipeline. Each ``_put`` is noted in
+        :attr:`bulk_puts`.
         """
         if self._bulk_pipe is not None:
             raise RuntimeError("a bulk publish is already running on this channel")
         with self.conn_or_acquire() as client:
             pipe = client.pipeline(transaction=False)
-        self._bulk_pipe = pipe
+        self._bulk_pipe, self._bulk_client = pipe, _BulkClient(pipe)
+        self.bulk_puts = []
         try:
             yield pipe
         finally:
-            self._bulk_pipe = None
+            self._bulk_pipe = self._bulk_client = None
+            self.bulk_puts = []
             pipe.reset()
 
     @contextmanager
@@ -353,6 +359,8 @@ class BatchDelivery:
             yield acquired
 
     def _put(self, queue: str, message: Any, **kwargs: Any) -> Any:
+        if self._bulk_pipe is not None:
+            self.bulk_puts.append((queue, message))
         return self._into_bulk(super()._put, queue, message, **kwargs)  # type: ignore[misc]
 
     def _put_fanout(
@@ -367,12 +375,11 @@ class BatchDelivery:
         )
 
     def _into_bulk(self, put: Any, *args: Any, **kwargs: Any) -> Any:
-        pipe = self._bulk_pipe
-        if pipe is None:
+        if self._bulk_pipe is None:
             return put(*args, **kwargs)
         # Kombu's _put/_put_fanout write through conn_or_acquire(); while
         # they run, that is the bulk pipeline.
-        self._putting = _BulkClient(pipe)
+        self._putting = self._bulk_client
         try:
             return put(*args, **kwargs)
         finally:

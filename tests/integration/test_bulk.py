@@ -180,6 +180,36 @@ def test_every_call_is_what_apply_async_sends_for_it(
     assert [r.id for r in results] == ids
 
 
+ODD_ARGUMENTS: list[tuple[Any, ...]] = [
+    (1,),
+    ("it's",),
+    ("back\\slash", "new\nline", "\u00e9t\u00e9"),
+    (None, True, 1.5, -0.0, 10**30),
+    ({"nested": [1, {"deep": (2, 3)}]},),
+    ("x" * 3000,),
+    ([], {}, ()),
+    (b"bytes",),
+]
+
+
+def test_calls_of_every_shape_are_what_apply_async_sends(app: Celery) -> None:
+    # given calls whose arguments take every path of Celery's argsrepr
+    # (flat, quoted, nested, cut short), sent one by one with apply_async
+    app.conf.task_serializer = "pickle"
+    app.conf.accept_content = ["pickle", "json"]
+    task = _task(app)
+    calls = [(args, {"k": args[0]} if args else {}) for args in ODD_ARGUMENTS * 3]
+    ids = [uuid() for _ in calls]
+    for task_id, (args, kwargs) in zip(ids, calls):
+        task.apply_async(args, kwargs, task_id=task_id)
+    # when the same calls go in bulk
+    task.apply_many(calls, task_ids=ids)
+    # then each message is the one apply_async sent for that call
+    messages = _drain(app, expect=2 * len(calls))
+    for sent, bulk in zip(messages[: len(calls)], messages[len(calls) :]):
+        _assert_same_message(sent, bulk)
+
+
 def test_queue_and_routing_options_reach_the_same_queue(app: Celery) -> None:
     # given calls routed to another queue, by name
     task = _task(app)
