@@ -7,8 +7,10 @@ since the last tick with ``delay_many``, noting when. The Redis backend
 announces every stored result on a pub/sub channel of its own
 (``celery-task-meta-<id>``); a thread here listens to them all and notes
 when each of ours arrives. Latency is the difference (one clock, one
-machine). The first second of a run is left out (the worker's first
-batches); p50, p95 and p99 are over the rest.
+machine). The load is offered for ``WARM_UP + DURATION + TAIL`` seconds
+and the calls of the middle ``DURATION`` are measured: not the worker's
+first batches, nor the last, partial one, which would wait for the
+``flush_interval`` only because the load stopped.
 
 Batching must cost the wait for a batch to fill, and no more: at ``rate``
 calls a second a batch of ``flush_every`` fills in ``flush_every / rate``
@@ -33,9 +35,10 @@ __all__ = ["FLUSH_EVERY", "FLUSH_INTERVAL", "RATES", "bound", "run_latency"]
 RATES = (100, 1000, 5000)
 FLUSH_EVERY = 100
 FLUSH_INTERVAL = 1.0
-#: Seconds of each run, and how many of them are left out at the start.
-DURATION = 6.0
+#: Seconds of offered load measured, and left out before and after.
+DURATION = 5.0
 WARM_UP = 1.0
+TAIL = FLUSH_INTERVAL + 0.5
 TICK = 0.01
 
 
@@ -149,7 +152,7 @@ def measure(
             if process.poll() is not None or time.monotonic() > deadline:
                 return {"rate": rate, "error": "the worker did not answer"}
             time.sleep(0.05)
-        sent = _offer(work, rate, DURATION)
+        sent = _offer(work, rate, WARM_UP + DURATION + TAIL)
         # Every result is due within a flush_interval; give it a few.
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not set(sent) <= set(results.arrived):
@@ -161,12 +164,17 @@ def measure(
         brokers.delete_queue(url, queue)
         brokers.delete_results(backend, [*sent, *results.arrived])
     first = min(sent.values())
+    measured = {
+        task_id: at
+        for task_id, at in sent.items()
+        if WARM_UP <= at - first < WARM_UP + DURATION
+    }
     latencies = sorted(
         results.arrived[task_id] - at
-        for task_id, at in sent.items()
-        if at - first >= WARM_UP and task_id in results.arrived
+        for task_id, at in measured.items()
+        if task_id in results.arrived
     )
-    lost = sum(1 for task_id in sent if task_id not in results.arrived)
+    lost = sum(1 for task_id in measured if task_id not in results.arrived)
     if not latencies:
         return {"rate": rate, "error": "no result came back"}
     cuts = statistics.quantiles(latencies, n=100, method="inclusive")

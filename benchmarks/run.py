@@ -120,6 +120,15 @@ SETUPS = [
         "prefork",
         results=True,
     ),
+    Setup(
+        "results-solo",
+        "ours + per-request results, solo",
+        "ours",
+        "solo",
+        results=True,
+        # What the latency rows run (and why 5,000 calls/s is a lot for them).
+        brokers=("redis",),
+    ),
 ]
 
 
