@@ -13,11 +13,11 @@ DEMO_ARGS ?=
 BENCH_ARGS ?=
 # e.g. SOAK_ARGS="--broker redis --duration 60"; by default both brokers, 120 s each.
 SOAK_ARGS ?=
-# The tests and the soak have their own, laxer mypy settings (pyproject.toml);
-# all are checked. The other benchmarks are not, yet.
-MYPY_TARGETS ?= celery_batches tests $(wildcard benchmarks/soak*.py)
+# The tests, the demo and the soak have their own, laxer mypy settings
+# (pyproject.toml); all are checked. The other benchmarks are not, yet.
+MYPY_TARGETS ?= celery_batches tests demo.py $(wildcard benchmarks/soak*.py)
 
-.PHONY: venv test demo lint docs bench soak clean
+.PHONY: venv test demo lint docs bench soak fresh-install clean
 
 venv: $(STAMP)
 
@@ -25,7 +25,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -e '.[test,lint,docs,bench]'
+	$(PY) -m pip install -e '.[test,lint,docs,bench,demo]'
 	touch $@
 
 test: venv
@@ -48,6 +48,11 @@ bench: venv
 
 soak: venv
 	$(PY) benchmarks/soak.py $(SOAK_ARGS)
+
+# Clean virtual environments of its own, not .venv: installs the checkout as
+# docs/getting-started.rst says and runs its example with real workers.
+fresh-install:
+	bash .ci/fresh-install
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info docs/_build .demo \

@@ -23,6 +23,8 @@ from kombu.message import Message
 from kombu.serialization import dumps
 from kombu.utils.uuid import uuid
 
+from celery_batches.collector import collectors_of
+
 __all__ = ["run_microbench"]
 
 QUEUE = "bench-micro"
@@ -169,7 +171,7 @@ def run_microbench(*, count: int = 5000, rounds: int = 5) -> dict[str, Any]:
     buffer_only = app.tasks["bench.buffer"]
     ours_buffer = buffer_only.Strategy(buffer_only, app, ours_consumer)
     ours_to_pool = batch.Strategy(batch, app, ours_consumer)
-    app._bench_collectors = list(ours_consumer._batch_collectors.values())
+    app._bench_collectors = list(collectors_of(ours_consumer).values())
 
     # Warm up every path once (imports, caches) before timing.
     for handler, name in [

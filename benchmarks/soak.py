@@ -33,7 +33,7 @@ from types import FrameType
 
 ROOT = Path(__file__).resolve().parent.parent
 # The soak's modules are imported as ``benchmarks.*`` (and the private
-# servers as ``tests.servers``): the worker imports its app by the same
+# servers as ``tests.harness.servers``): the worker imports its app by the same
 # name, and mypy checks them by it.
 sys.path.insert(0, str(ROOT))
 

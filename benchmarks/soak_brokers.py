@@ -1,6 +1,6 @@
 """The soak's private brokers: start, inject a fault, tell what is left to deliver.
 
-Each wraps a server of ``tests/servers.py`` (the fault tests' own), so the
+Each wraps a server of ``tests/harness/servers.py`` (the fault tests' own), so the
 shared servers on 127.0.0.1:6379 and :5672 are never restarted or cut off.
 """
 
@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 
-from tests.servers import RabbitNode, RedisServer, ServerError
+from tests.harness.servers import RabbitNode, RedisServer, ServerError
 
 __all__ = ["BROKER_NAMES", "Broker", "PrivateRabbit", "PrivateRedis", "start_broker"]
 

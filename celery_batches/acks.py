@@ -30,6 +30,7 @@ from celery.utils.log import get_logger
 
 from ._compat import (
     acks_plainly,
+    redis_channel_class,
     redis_forget_delivered,
     redis_group_ackable,
     redis_remove_from_unacked,
@@ -352,11 +353,12 @@ def _is_amqp(channel: Any) -> bool:
 
 
 def _is_redis(channel: Any) -> bool:
-    try:
-        from kombu.transport.redis import Channel
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(channel, Channel) and redis_group_ackable(channel)
+    redis_channel = redis_channel_class()
+    return (
+        redis_channel is not None
+        and isinstance(channel, redis_channel)
+        and redis_group_ackable(channel)
+    )
 
 
 def _track_settlements(channel: Any) -> SettledTags:

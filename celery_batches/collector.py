@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Hashable
 from time import monotonic
@@ -37,6 +38,11 @@ if TYPE_CHECKING:
 __all__ = ["BatchCollector", "WorkerBatches", "collectors_of", "worker_batches"]
 
 logger = get_logger(__name__)
+
+
+def _does_info() -> bool:
+    return bool(logger.isEnabledFor(logging.INFO))
+
 
 #: The largest prefetch count AMQP can carry; kombu sends a larger one as 0,
 #: which means *unlimited*, so no widening may take the window past it.
@@ -375,6 +381,14 @@ class BatchCollector:
             for request in live:
                 fail_request(self.task, request, exc)
             return
+        if _does_info():
+            logger.info(
+                "Flushed a batch of %d %s calls (%s, key %r)",
+                len(live),
+                self.task.name,
+                reason,
+                key,
+            )
         if batch_flushed.receivers:
             batch_flushed.send(
                 sender=self.task,

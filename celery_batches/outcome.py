@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import pickle
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from billiard.einfo import ExceptionInfo
 from celery import signals, states
+from celery.app.trace import (
+    LOG_RETRY,
+    LOG_SUCCESS,
+    get_log_policy,
+    task_has_custom,
+)
 from celery.exceptions import (
     Ignore,
     InvalidTaskError,
@@ -40,6 +47,16 @@ __all__ = [
 
 logger = get_logger(__name__)
 
+#: Each call's outcome is logged here, in the formats and at the levels of
+#: Celery's tracer (which logs a plain task's on ``celery.app.trace``), so a
+#: call's lines read as a plain task's. A logger of its own: error trackers
+#: such as Sentry ignore ``celery.app.trace`` (they catch a plain task's
+#: exception where it is raised) but would miss a call failed by its value.
+task_logger = get_logger("celery_batches.calls")
+
+#: Task handler methods a Batches subclass may override, run per call.
+HANDLERS = ("on_success", "on_failure", "on_retry", "after_return")
+
 #: What the pool hands back to the worker for one request:
 #: ``(failed, retval, runtime)``, the shape Celery's own tracer returns, so the
 #: worker-side :class:`~celery.worker.request.Request` handlers apply as they are.
@@ -57,12 +74,25 @@ class BatchOutcomes:
     and anything settled after :meth:`store`, is stored at once.
     """
 
-    __slots__ = ("_writer", "task")
+    __slots__ = ("_handlers", "_writer", "store_results", "task")
 
-    def __init__(self, task: Task, *, bulk: bool = True) -> None:
+    def __init__(
+        self, task: Task, *, bulk: bool = True, store_results: bool = True
+    ) -> None:
         #: The batch task.
         self.task = task
-        self._writer = ResultWriter.for_backend(task.backend) if bulk else None
+        #: Whether results, failures and retries go to the result backend
+        #: (eager calls store them only with ``task_store_eager_result``).
+        self.store_results = store_results
+        self._writer = (
+            ResultWriter.for_backend(task.backend) if bulk and store_results else None
+        )
+        # The handlers the task overrides: only those cost a call.
+        self._handlers = {
+            name: getattr(task, name)
+            for name in HANDLERS
+            if task_has_custom(task, name)
+        }
 
     # -- one call ----------------------------------------------------------
 
@@ -91,9 +121,13 @@ class BatchOutcomes:
             self.failure(request, exc)
             return
         request._settle(states.SUCCESS, result)
+        self._handle(
+            request, "on_success", result, request.id, request.args, request.kwargs
+        )
         if signals.task_success.receivers:
             with _as_current(self.task, request):
                 signals.task_success.send(sender=self.task, result=result)
+        self._after_return(request, states.SUCCESS, result)
 
     def _send_callbacks_and_store(self, request: SimpleRequest, result: Any) -> None:
         task = self.task
@@ -121,7 +155,10 @@ class BatchOutcomes:
             writer.add(request, result)
         else:
             task.backend.mark_as_done(
-                request.id, result, request=ctx, store_result=not request.ignore_result
+                request.id,
+                result,
+                request=ctx,
+                store_result=self.store_results and not request.ignore_result,
             )
 
     def failure(
@@ -145,8 +182,8 @@ class BatchOutcomes:
                 exc,
                 traceback,
                 request=request.context,
-                store_result=task.store_errors_even_if_ignored
-                or not request.ignore_result,
+                store_result=self.store_results
+                and (task.store_errors_even_if_ignored or not request.ignore_result),
             )
         # The result backend (or an errback it sends) failed: the outcome is
         # a failure all the same, and the worker settles the message by it.
@@ -158,6 +195,10 @@ class BatchOutcomes:
                 exc_info=True,
             )
         request._settle(states.FAILURE, einfo)
+        self._log_failure(request, exc, einfo)
+        self._handle(
+            request, "on_failure", exc, request.id, request.args, request.kwargs, einfo
+        )
         if signals.task_failure.receivers:
             with _as_current(task, request):
                 signals.task_failure.send(
@@ -169,6 +210,7 @@ class BatchOutcomes:
                     traceback=einfo.tb,
                     einfo=einfo,
                 )
+        self._after_return(request, states.FAILURE, exc)
 
     def retry(
         self,
@@ -244,7 +286,7 @@ class BatchOutcomes:
             reason = RetryRequested(message)
         else:
             reason = RetryRequested.after(countdown, eta)
-        if not request.ignore_result:
+        if self.store_results and not request.ignore_result:
             try:
                 task.backend.mark_as_retry(request.id, reason, request=ctx)
             # The retry is on its way already: failing to record RETRY in the
@@ -257,6 +299,20 @@ class BatchOutcomes:
                     exc_info=True,
                 )
         request._settle(states.RETRY, reason)
+        task_logger.info(
+            LOG_RETRY.strip(),
+            {"id": request.id, "name": request.name, "exc": str(reason)},
+        )
+        if "on_retry" in self._handlers:
+            self._handle(
+                request,
+                "on_retry",
+                reason,
+                request.id,
+                request.args,
+                request.kwargs,
+                exception_info(Retry(exc=reason)),
+            )
         if signals.task_retry.receivers:
             signals.task_retry.send(sender=task, request=ctx, reason=reason, einfo=None)
 
@@ -271,6 +327,85 @@ class BatchOutcomes:
             return
         state = states.REJECTED if isinstance(exc, Reject) else states.IGNORED
         request._settle(state, exc)
+
+    def _handle(self, request: SimpleRequest, name: str, *args: Any) -> None:
+        """Run the task's handler ``name`` for ``request``, if overridden."""
+        handler = self._handlers.get(name)
+        if handler is None:
+            return
+        try:
+            with _as_current(self.task, request):
+                handler(*args)
+        # The user's handler runs here; as Celery does for on_success, a
+        # handler that raises is logged and the call keeps its outcome.
+        except Exception:
+            logger.exception(
+                "Task %s[%s] %s handler raised", request.name, request.id, name
+            )
+
+    def _after_return(self, request: SimpleRequest, state: str, retval: Any) -> None:
+        # Celery skips after_return for RETRY, REJECTED and IGNORED; so do we.
+        self._handle(
+            request,
+            "after_return",
+            state,
+            retval,
+            request.id,
+            request.args,
+            request.kwargs,
+            None,
+        )
+
+    def _log_failure(
+        self, request: SimpleRequest, exc: BaseException, einfo: ExceptionInfo
+    ) -> None:
+        """Log a failed call as Celery logs a failed task (same format and level).
+
+        A body that raised fails each call of its batch with the same
+        exception: each call's line has its traceback, as each of as many
+        plain tasks would (an error tracker reporting log records, such as
+        Sentry's, reports the one exception once).
+        """
+        policy = get_log_policy(self.task, einfo, exc)
+        if not task_logger.isEnabledFor(policy.severity):
+            return
+        context = {
+            "hostname": request.hostname,
+            "id": request.id,
+            "name": request.name,
+            "exc": saferepr(exc),
+            "traceback": einfo.traceback,
+            "args": saferepr(request.args),
+            "kwargs": saferepr(request.kwargs),
+            "description": policy.description,
+            "internal": einfo.internal,
+        }
+        task_logger.log(
+            policy.severity,
+            policy.format.strip(),
+            context,
+            exc_info=(type(exc), exc, exc.__traceback__) if policy.traceback else None,
+            extra={"data": context},
+        )
+
+    def log_successes(self, requests: list[SimpleRequest], runtime: float) -> None:
+        """Log each call settled as SUCCESS as Celery logs a task that succeeded."""
+        if not task_logger.isEnabledFor(logging.INFO):
+            return
+        maxsize = getattr(self.task, "resultrepr_maxsize", 1024)
+        for request in requests:
+            settlement = request._settlement
+            if settlement is None or settlement[0] != states.SUCCESS:
+                continue
+            context = {
+                "id": request.id,
+                "name": request.name,
+                "return_value": saferepr(settlement[1], maxsize),
+                "runtime": runtime,
+                "args": saferepr(request.args),
+                "kwargs": saferepr(request.kwargs),
+            }
+            task_logger.info(LOG_SUCCESS.strip(), context, extra={"data": context})
 
     # -- the whole batch ---------------------------------------------------
 

@@ -78,6 +78,12 @@ class FlushPolicy(Generic[T]):
         if not since:
             del self._since[key]
 
+    def waiting(self) -> list[tuple[Hashable, int, float]]:
+        """Each key with calls waiting: ``(key, how many, when the oldest came)``."""
+        return [
+            (key, len(since), since[0]) for key, since in self._since.items() if since
+        ]
+
     def next_due(self) -> float | None:
         """Return when the next key comes due (``None``: nothing waits)."""
         if not self._since:

@@ -34,7 +34,12 @@ class ResultWriter:
     @classmethod
     def for_backend(cls, backend: Backend) -> ResultWriter | None:
         """Return a writer if ``backend`` can take many results at once."""
-        from celery.backends.redis import RedisBackend
+        # Celery's Redis backend module imports the redis client, which only
+        # the `redis` extra installs: without it, no backend can be Redis's.
+        try:
+            from celery.backends.redis import RedisBackend
+        except ImportError:
+            return None
 
         if isinstance(backend, RedisBackend) and hasattr(backend, "_get_result_meta"):
             return cls(backend)

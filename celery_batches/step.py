@@ -14,6 +14,7 @@ from celery.worker import state as worker_state
 from ._compat import survive_collected_redis_transport, wake_hub_with_pending_callbacks
 from .acks import install_group_acks
 from .collector import collectors_of
+from .control import batches as _register_inspect_batches  # noqa: F401
 from .delivery import deliver_in_batches
 from .dispatch import inline_pool, uses_processes
 

@@ -200,7 +200,14 @@ class Batches(Task):  # type: ignore[misc]
         """
         task_id = options.get("task_id") or uuid()
         request = eager_request(self, task_id, args, kwargs, options)
-        retval, _ = run_batch(self, [request], eager=True, hostname=request.hostname)
+        # As Celery's eager calls: stored only with task_store_eager_result.
+        retval, _ = run_batch(
+            self,
+            [request],
+            eager=True,
+            hostname=request.hostname,
+            store_results=bool(getattr(self, "store_eager_result", False)),
+        )
         throw = options.get("throw")
         if throw is None:
             throw = self.app.conf.task_eager_propagates

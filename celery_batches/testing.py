@@ -45,15 +45,17 @@ def apply_batch(
     calls: Iterable[Call | tuple[Any, ...] | Mapping[str, Any] | Any],
     *,
     throw: bool = False,
+    store: bool | None = None,
 ) -> list[EagerResult]:
     """Run ``task``'s body once, in this process, with one request per call.
 
     The batch runs as the worker would run it: signals fire, requests the
     body settles keep their outcome, ``per_request_results`` is honoured, and
-    a body that raises fails every request it left unsettled. No worker or
-    broker is needed. Results and failures reach the app's result backend
-    as they would in a worker: what the body settles, what
-    ``per_request_results`` returns, and the failures of a body that raises.
+    a body that raises fails every request it left unsettled. No worker,
+    broker or result backend is needed: as for Celery's eager calls,
+    nothing is stored unless ``store`` (default: the app's
+    ``task_store_eager_result``) asks for it; then results and failures
+    reach the result backend as they would in a worker.
 
     Arguments:
         task: the batch task.
@@ -61,6 +63,8 @@ def apply_batch(
             arguments, a mapping of keyword arguments, or a single argument.
         throw: raise the first failed request's exception instead of
             returning its result.
+        store: store each call's result, failure or retry in the result
+            backend (default: ``task_store_eager_result``, off by default).
 
     Returns:
         One :class:`~celery.result.EagerResult` per call, in order.
@@ -71,5 +75,7 @@ def apply_batch(
         requests.append(
             eager_request(task, uuid(), spec.args, spec.kwargs, spec.options)
         )
-    retval, _ = run_batch(task, requests, eager=True)
+    if store is None:
+        store = bool(getattr(task, "store_eager_result", False))
+    retval, _ = run_batch(task, requests, eager=True, store_results=store)
     return [eager_result(request, retval, throw=throw) for request in requests]

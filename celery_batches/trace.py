@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import time
 from typing import TYPE_CHECKING, Any
+from weakref import WeakSet
 
 from celery import current_app, signals, states
+from celery.app import trace as celery_trace
+from celery.app.trace import task_has_custom
 from celery.exceptions import Ignore, Reject, Retry
 from celery.utils.log import get_logger
 from celery.utils.nodenames import gethostname
@@ -14,6 +17,7 @@ from kombu.utils.uuid import uuid
 from ._compat import current_task_stack
 from .errors import BatchRetry, ResultShapeError
 from .outcome import BatchOutcomes, Outcome
+from .telemetry import link_calls, record_failure
 
 if TYPE_CHECKING:
     from celery.app.task import Task
@@ -31,8 +35,12 @@ def run_batch(
     *,
     eager: bool = False,
     hostname: str | None = None,
+    store_results: bool = True,
 ) -> tuple[Any, list[Outcome]]:
     """Run the body of ``task`` once for ``requests`` and settle every request.
+
+    ``store_results=False`` settles the calls without writing to the result
+    backend (eager calls, unless ``task_store_eager_result`` is set).
 
     Returns:
         The body's return value (``None`` if it raised) and one
@@ -42,15 +50,11 @@ def run_batch(
         them, count the batch once.
     """
     batch_id = uuid()
-    outcomes = BatchOutcomes(task)
+    outcomes = BatchOutcomes(task, store_results=store_results)
     for request in requests:
         request._task = task
         request._outcomes = outcomes
-    body = (
-        task.__call__
-        if _has_custom_call(task)
-        else getattr(task, "_orig_run", task.run)
-    )
+    body = _body_of(task)
     args = [requests]
     task.push_request(
         id=batch_id,
@@ -71,6 +75,9 @@ def run_batch(
             signals.task_prerun.send(
                 sender=task, task_id=batch_id, task=task, args=args, kwargs={}
             )
+            # The span a tracing integration started for the batch, if any,
+            # gets a link to each call's.
+            link_calls(requests)
         try:
             retval, failed_exc = _call_body(task, body, requests, outcomes)
         # Settling the batch failed in our code (or Celery's), not in the
@@ -105,6 +112,7 @@ def run_batch(
         pop_task()
         task.pop_request()
     share = runtime / len(requests) if requests else runtime
+    outcomes.log_successes(requests, share)
     return retval, [outcomes.outcome(request, share) for request in requests]
 
 
@@ -117,6 +125,9 @@ def _call_body(
     # outcomes go back to the worker in the order of its messages.
     batch = list(requests)
     try:
+        if task_has_custom(task, "before_start"):
+            # Once per batch, with the batch's id: its calls start together.
+            task.before_start(task.request.id, (requests,), {})
         retval = body(batch)
     except (Reject, Ignore) as exc:
         # As Celery's tracer does for a plain task: nothing is stored in
@@ -132,7 +143,7 @@ def _call_body(
     # The user's batch body runs here: whatever it raises settles every
     # request it left unsettled (failure, or retry for autoretry_for), and
     # the worker goes on with the next batch.
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001
         if isinstance(exc, Retry):
             # The reason given to self.retry(exc=...), if any: past
             # max_retries a call fails with it, else with
@@ -142,12 +153,14 @@ def _call_body(
         elif _wants_autoretry(task, exc):
             outcomes.retry_unsettled(requests, exc)
         else:
-            logger.error(
-                "Batch of %d %s requests raised %r",
+            record_failure(exc)
+            # Each call's own line carries the traceback (outcome.py).
+            logger.warning(
+                "Batch of %d %s requests raised %r; the calls it left "
+                "unsettled fail with it",
                 len(requests),
                 task.name,
                 exc,
-                exc_info=True,
             )
             outcomes.fail_unsettled(requests, exc)
         return None, exc
@@ -204,10 +217,29 @@ def _batch_state(task: Task, exc: BaseException | None) -> str:
     return str(states.FAILURE)
 
 
-def _has_custom_call(task: Task) -> bool:
-    from celery.app.task import Task as BaseTask
+#: The batch tasks whose tracer was built in this process.
+_traced: WeakSet[Task] = WeakSet()
 
-    return type(task).__call__ is not BaseTask.__call__
+
+def _body_of(task: Task) -> Any:
+    """The batch body of ``task``, as Celery's own tracer would call it.
+
+    Celery's tracer entry point, ``celery.app.trace.build_tracer``, is where
+    integrations hook in (sentry-sdk wraps the task's ``run`` there, to
+    report what it raises); a prefork pool process never builds a tracer
+    for a batch task otherwise, so it is built here once per process. It
+    is looked up at call time, so that a patched one is the one called.
+    """
+    if task not in _traced:
+        # Once per task in this process, whatever Celery built before (its
+        # consumer may hold the build_tracer of before the integration).
+        celery_trace.build_tracer(task.name, task, app=task.app)
+        _traced.add(task)
+    if task_has_custom(task, "__call__"):
+        return task.__call__
+    # Celery's autoretry_for wraps run and keeps the body as _orig_run; the
+    # batch handles autoretry_for itself, per call.
+    return getattr(task, "_orig_run", task.run)
 
 
 def execute_batch(

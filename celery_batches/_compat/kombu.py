@@ -16,6 +16,7 @@ __all__ = [
     "amqp_publishes_held",
     "cancel_timer_entry",
     "narrow_prefetch",
+    "redis_channel_class",
     "redis_forget_delivered",
     "redis_group_ackable",
     "redis_remove_from_unacked",
@@ -122,11 +123,8 @@ def survive_collected_redis_transport(channel: Any) -> None:
     index, from where the transport delivers them again after its
     ``visibility_timeout``, as it would after a crash.
     """
-    try:
-        from kombu.transport.redis import Channel as RedisChannel
-    except ImportError:  # pragma: no cover - kombu always has it
-        return
-    if not isinstance(channel, RedisChannel):
+    redis_channel = redis_channel_class()
+    if redis_channel is None or not isinstance(channel, redis_channel):
         return
     qos = channel.qos
     restore = qos.restore_unacked
@@ -145,6 +143,21 @@ def survive_collected_redis_transport(channel: Any) -> None:
             return None
 
     qos.restore_unacked = restore_unacked
+
+
+def redis_channel_class() -> Any:
+    """Return Kombu's Redis channel class (``None`` without the redis client).
+
+    Kombu 5.2's Redis transport fails to import with ``AttributeError``
+    (not ``ImportError``) when redis-py is missing; a worker on another
+    broker must not care.
+    """
+    try:
+        from kombu.transport.redis import Channel
+    except (ImportError, AttributeError):
+        return None
+    channel_class: type = Channel
+    return channel_class
 
 
 def redis_group_ackable(channel: Any) -> bool:

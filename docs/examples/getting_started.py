@@ -1,14 +1,7 @@
-"""The getting-started example: one batch task, its worker, and its callers.
+"""Getting started: a batch task, and the callers that send it one word each.
 
-With a Redis server on localhost, start a worker in this directory::
-
-    celery -A getting_started worker --loglevel=INFO
-
-and call the task from a Python shell opened in the same directory::
-
-    >>> from getting_started import send_words
-    >>> send_words(["ada", "grace", "edsger"])
-    ['ADA', 'GRACE', 'EDSGER']
+Save as getting_started.py; with Redis on localhost, start a worker beside it
+with ``celery -A getting_started worker --loglevel=INFO``.
 """
 
 from __future__ import annotations
@@ -19,13 +12,11 @@ from celery.utils.log import get_task_logger
 
 from celery_batches import Batches, SimpleRequest
 
-# [app]
 app = Celery(
     "getting_started",
     broker="redis://localhost:6379/0",
     backend="redis://localhost:6379/1",
 )
-# [/app]
 
 logger = get_task_logger(__name__)
 

@@ -13,15 +13,11 @@ import kombu
 import pytest
 from celery.result import AsyncResult
 
-from tests.conftest import REDIS_BACKEND, Worker, wait_for
-from tests.fault.conftest import (
-    RabbitNode,
-    RedisServer,
-    Spawn,
-    redis_urls,
-    run_counts,
-    states,
-)
+from tests.harness.brokers import REDIS_BACKEND, redis_urls
+from tests.harness.journal import Flush
+from tests.harness.servers import RabbitNode, RedisServer
+from tests.harness.wait import wait_for
+from tests.harness.worker import Worker, Workers
 
 pytestmark = pytest.mark.fault
 
@@ -54,7 +50,7 @@ class Sender(threading.Thread):
 
     def __init__(self, worker: Worker, args: range) -> None:
         super().__init__(daemon=True)
-        self.task = worker.app.tasks["tests.fault_restart"]
+        self.task = worker.tasks.fault_restart
         self.args = args
         self.results: list[AsyncResult] = []
         self.error: BaseException | None = None
@@ -77,22 +73,21 @@ class Sender(threading.Thread):
                 self.results.append(
                     self.task.apply_async((arg,), retry=True, retry_policy=policy)
                 )
+        # Whatever ends the thread is the test's to report: the main thread
+        # asserts there was none.
         except BaseException as exc:
             self.error = exc
 
 
 def _buffer_three(worker: Worker) -> list[str]:
-    task = worker.app.tasks["tests.fault_restart"]
+    task = worker.tasks.fault_restart
     ids = [task.delay(i).id for i in range(3)]
-    wait_for(
-        lambda: set(ids) <= set(worker.journal.ids("received")),
-        what="3 calls received",
-    )
+    worker.wait_received(ids)
     return ids
 
 
-def _flushes(worker: Worker) -> list[list[str]]:
-    return [e for e in worker.journal.events("flush") if e[0] == "tests.fault_restart"]
+def _flushes(worker: Worker) -> list[Flush]:
+    return worker.flushes(worker.tasks.fault_restart)
 
 
 def _check_survived(worker: Worker) -> None:
@@ -136,27 +131,28 @@ def _drop_and_recover(
     # and runs every call exactly once
     def stored() -> bool:
         _check_survived(worker)
-        return states(worker, ids) == ["SUCCESS"] * 6
+        return worker.states(ids) == ["SUCCESS"] * 6
 
     wait_for(stored, timeout=REDELIVERY_TIMEOUT, what="6 calls stored")
-    assert run_counts(worker, ids) == dict.fromkeys(ids, 1)
-    assert {reason for _, _, reason, _ in _flushes(worker)} == {"interval"}
-    assert sum(int(size) for _, size, _, _ in _flushes(worker)) == 6
+    assert worker.run_counts(ids) == dict.fromkeys(ids, 1)
+    assert {flush.reason for flush in _flushes(worker)} == {"interval"}
+    assert sum(flush.size for flush in _flushes(worker)) == 6
 
     # and it keeps batching: 8 more calls run as one full batch, once each
-    task = worker.app.tasks["tests.fault_restart"]
+    task = worker.tasks.fault_restart
     more_ids = [task.delay(i).id for i in range(8)]
     wait_for(
-        lambda: states(worker, more_ids) == ["SUCCESS"] * 8,
+        lambda: worker.states(more_ids) == ["SUCCESS"] * 8,
         timeout=30,
         what="8 more calls stored",
     )
-    assert run_counts(worker, ids + more_ids) == dict.fromkeys(ids + more_ids, 1)
-    assert _flushes(worker)[-1][1:3] == ["8", "size"]
+    assert worker.run_counts(ids + more_ids) == dict.fromkeys(ids + more_ids, 1)
+    last = _flushes(worker)[-1]
+    assert (last.size, last.reason) == (8, "size")
 
 
-def _own_redis_worker(spawn: Spawn, server: RedisServer, pool: str) -> Worker:
-    return spawn(
+def _own_redis_worker(workers: Workers, server: RedisServer, pool: str) -> Worker:
+    return workers.start(
         "own-redis",
         pool,
         urls=redis_urls(server, server.fresh_db()),
@@ -165,9 +161,9 @@ def _own_redis_worker(spawn: Spawn, server: RedisServer, pool: str) -> Worker:
 
 
 def test_redis_restart_drops_buffered_calls_and_runs_each_once(
-    spawn: Spawn, own_redis: RedisServer
+    workers: Workers, own_redis: RedisServer
 ) -> None:
-    worker = _own_redis_worker(spawn, own_redis, "prefork")
+    worker = _own_redis_worker(workers, own_redis, "prefork")
     _drop_and_recover(
         worker,
         lambda: own_redis.stop(save=True),
@@ -177,11 +173,11 @@ def test_redis_restart_drops_buffered_calls_and_runs_each_once(
 
 
 def test_redis_connection_kill_drops_buffered_calls_and_runs_each_once(
-    spawn: Spawn, own_redis: RedisServer
+    workers: Workers, own_redis: RedisServer
 ) -> None:
     # The lighter variant of a restart: the server stays up and closes every
     # client connection (CLIENT KILL), so the worker reconnects at once.
-    worker = _own_redis_worker(spawn, own_redis, "prefork")
+    worker = _own_redis_worker(workers, own_redis, "prefork")
 
     def kill_connections() -> None:
         own_redis.client().client_kill_filter(_type="normal", skipme=True)
@@ -190,31 +186,33 @@ def test_redis_connection_kill_drops_buffered_calls_and_runs_each_once(
 
 
 def test_rabbitmq_restart_drops_buffered_calls_and_runs_each_once(
-    spawn: Spawn, own_rabbit: RabbitNode
+    workers: Workers, own_rabbit: RabbitNode
 ) -> None:
-    worker = spawn("own-rabbitmq", "prefork", urls=(own_rabbit.url, REDIS_BACKEND))
+    worker = workers.start(
+        "own-rabbitmq", "prefork", urls=(own_rabbit.url, REDIS_BACKEND)
+    )
     _drop_and_recover(
         worker, own_rabbit.stop_app, own_rabbit.start_app, send_while_down=True
     )
 
 
 def test_a_worker_whose_batch_acks_failed_in_a_redis_restart_consumes_again(
-    spawn: Spawn, gate: Path, own_redis: RedisServer
+    workers: Workers, gate: Path, own_redis: RedisServer
 ) -> None:
     # given a prefork worker (-c 2, prefetch window 4 x 2 = 8) on our own
     # Redis without remote control (so only its fetching connection can
     # notice a lost server), running two gated batches of 4 late-acked
     # calls: its whole window delivered and unacked, no BRPOP pending
     gate.touch()
-    worker = spawn(
+    worker = workers.start(
         "redis",
         "prefork",
         urls=redis_urls(own_redis, own_redis.fresh_db()),
         conf={"worker_enable_remote_control": False},
     )
-    task = worker.app.tasks["tests.fault_late_lost"]
+    task = worker.tasks.fault_late_lost
     ids = [task.delay(i).id for i in range(8)]
-    wait_for(lambda: all(run_counts(worker, ids).values()), what="both batches")
+    wait_for(lambda: all(worker.run_counts(ids).values()), what="both batches")
     quiet_since = [time.monotonic()]
 
     def no_fetch_for_a_while() -> bool:
@@ -246,7 +244,7 @@ def test_a_worker_whose_batch_acks_failed_in_a_redis_restart_consumes_again(
     # good, and the lost connection unnoticed)
     later = task.delay(99).id
     wait_for(
-        lambda: run_counts(worker, [later])[later] == 1,
+        lambda: worker.run_counts([later])[later] == 1,
         timeout=30,
         what="the call sent after the restart to run",
     )

@@ -7,65 +7,57 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import wait_for
-from tests.fault.conftest import Spawn, exit_code, run_counts, states
+from tests.harness.wait import wait_for
+from tests.harness.worker import Workers
 
 pytestmark = pytest.mark.fault
 
 
 @pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
 def test_cold_shutdown_runs_nothing_and_a_new_worker_runs_each_call_once(
-    spawn: Spawn, broker: str
+    workers: Workers, broker: str
 ) -> None:
     # given a worker with calls waiting in its buffer
-    first = spawn(
-        broker, "prefork", conf={"broker_transport_options": {"visibility_timeout": 3}}
-    )
-    hold = first.app.tasks["tests.fault_hold"]
+    conf = {"broker_transport_options": {"visibility_timeout": 3}}
+    first = workers.start(broker, "prefork", conf=conf)
+    hold = first.tasks.fault_hold
     results = [hold.delay(i) for i in range(6)]
     ids = [r.id for r in results]
-    wait_for(
-        lambda: set(ids) <= set(first.journal.ids("received")), what="calls received"
-    )
+    first.wait_received(ids)
     # when it gets a cold shutdown (SIGQUIT)
-    exit_code(first, signal.SIGQUIT)
+    first.exit(signal.SIGQUIT)
     # then nothing ran, and a new worker runs every call exactly once
-    assert run_counts(first, ids) == dict.fromkeys(ids, 0)
-    second = spawn(
-        broker,
-        "prefork",
-        queue=first.queue,
-        conf={"broker_transport_options": {"visibility_timeout": 3}},
-    )
+    assert first.run_counts(ids) == dict.fromkeys(ids, 0)
+    second = workers.start(broker, "prefork", queue=first.queue, conf=conf)
     wait_for(
-        lambda: states(second, ids) == ["SUCCESS"] * 6,
+        lambda: second.states(ids) == ["SUCCESS"] * 6,
         timeout=40,
         what="the calls to run in the new worker",
     )
-    assert run_counts(second, ids) == dict.fromkeys(ids, 1)
+    assert second.run_counts(ids) == dict.fromkeys(ids, 1)
 
 
-def test_soft_time_limit_fails_each_request_of_the_batch(spawn: Spawn) -> None:
+def test_soft_time_limit_fails_each_request_of_the_batch(workers: Workers) -> None:
     # given a task with soft_time_limit=1 s whose batch sleeps 4 s
-    worker = spawn("redis", "prefork")
-    soft = worker.app.tasks["tests.fault_soft"]
+    worker = workers.start("redis", "prefork")
+    soft = worker.tasks.fault_soft
     slow = [soft.delay(4), soft.delay(4)]
     ids = [r.id for r in slow]
     # then the body is interrupted, and each request fails with the exception
-    wait_for(lambda: states(worker, ids) == ["FAILURE"] * 2, timeout=30, what="FAILURE")
+    wait_for(lambda: worker.states(ids) == ["FAILURE"] * 2, timeout=30, what="FAILURE")
     assert {type(r.result).__name__ for r in slow} == {"SoftTimeLimitExceeded"}
-    assert run_counts(worker, ids) == dict.fromkeys(ids, 1)
+    assert worker.run_counts(ids) == dict.fromkeys(ids, 1)
     # and the worker goes on with the next batch
     quick = [soft.delay(0), soft.delay(0)]
     assert [r.get(timeout=20) for r in quick] == [0, 0]
 
 
 def test_revoke_with_terminate_ends_the_whole_running_batch(
-    spawn: Spawn, gate: Path
+    workers: Workers, gate: Path
 ) -> None:
     # given a batch of two calls running in a pool child
-    worker = spawn("redis", "prefork")
-    long = worker.app.tasks["tests.fault_long"]
+    worker = workers.start("redis", "prefork")
+    long = worker.tasks.fault_long
     gate.touch()
     running = [long.delay(1), long.delay(2)]
     ids = [r.id for r in running]
@@ -74,7 +66,7 @@ def test_revoke_with_terminate_ends_the_whole_running_batch(
     worker.app.control.revoke(ids[0], terminate=True, signal="SIGKILL")
     # then the child running the batch is ended: both calls are REVOKED, and
     # the worker goes on with the next batch
-    wait_for(lambda: states(worker, ids) == ["REVOKED"] * 2, timeout=30, what="REVOKED")
+    wait_for(lambda: worker.states(ids) == ["REVOKED"] * 2, timeout=30, what="REVOKED")
     gate.unlink()
     after = [long.delay(3), long.delay(4)]
     assert [r.get(timeout=30) for r in after] == [3, 4]

@@ -8,16 +8,11 @@ from typing import Any
 import pytest
 import redis
 
-from tests.conftest import Worker, wait_for
-from tests.fault.conftest import (
-    RedisServer,
-    Spawn,
-    exit_code,
-    redis_urls,
-    run_counts,
-    states,
-    worker_pids,
-)
+from tests.harness.brokers import redis_urls
+from tests.harness.journal import Run
+from tests.harness.servers import RedisServer
+from tests.harness.wait import wait_for
+from tests.harness.worker import Worker, Workers
 
 pytestmark = pytest.mark.fault
 
@@ -31,61 +26,53 @@ BROKERS_AND_POOLS = [
 ]
 
 
-def _received(worker: Worker, ids: list[str]) -> bool:
-    return set(ids) <= set(worker.journal.ids("received"))
-
-
-def _shutdown_flushes(worker: Worker, task: str) -> list[int]:
-    return [
-        int(size)
-        for name, size, reason, *_ in worker.journal.events("flush")
-        if name == task and reason == "shutdown"
-    ]
+def _shutdown_flushes(worker: Worker) -> list[int]:
+    flushes = worker.flushes(worker.tasks.fault_shutdown)
+    return [flush.size for flush in flushes if flush.reason == "shutdown"]
 
 
 @pytest.mark.parametrize(("broker", "pool"), BROKERS_AND_POOLS)
 def test_warm_shutdown_runs_every_buffered_call_before_exit(
-    spawn: Spawn, broker: str, pool: str
+    workers: Workers, broker: str, pool: str
 ) -> None:
     # given a worker with 20 calls waiting in the buffer of a batch task whose
     # size (100) and interval (30 s) are not reached before the SIGTERM
-    worker = spawn(broker, pool)
-    hold = worker.app.tasks["tests.fault_shutdown"]
+    worker = workers.start(broker, pool)
+    hold = worker.tasks.fault_shutdown
     results = [hold.delay(i) for i in range(20)]
     ids = [r.id for r in results]
-    wait_for(lambda: _received(worker, ids), what="20 calls received")
-    assert not worker.journal.ids("run"), "calls ran before the shutdown"
+    worker.wait_received(ids)
+    assert not worker.journal.ids(Run), "calls ran before the shutdown"
 
     # when the worker gets SIGTERM
-    code = exit_code(worker)
+    code = worker.exit()
 
     # then, by the time the process has exited, every call ran exactly once,
     # in one batch flushed for the shutdown, and its result is stored
     assert code == 0, worker.log()
-    assert run_counts(worker, ids) == dict.fromkeys(ids, 1)
-    assert _shutdown_flushes(worker, "tests.fault_shutdown") == [20]
-    assert states(worker, ids) == ["SUCCESS"] * 20
+    assert worker.run_counts(ids) == dict.fromkeys(ids, 1)
+    assert _shutdown_flushes(worker) == [20]
+    assert worker.states(ids) == ["SUCCESS"] * 20
     assert [r.result for r in results] == list(range(20))
 
 
 @pytest.mark.parametrize("pool", ["prefork", "solo"])
 @pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
 def test_restart_after_warm_shutdown_runs_each_call_exactly_once(
-    spawn: Spawn, broker: str, pool: str
+    workers: Workers, broker: str, pool: str
 ) -> None:
     # given a worker holding 5 buffered calls and 3 calls waiting for their
     # ETA (countdown 4 s)
-    first = spawn(broker, pool)
-    hold = first.app.tasks["tests.fault_hold"]
-    collect = first.app.tasks["tests.collect"]
+    first = workers.start(broker, pool)
+    hold, collect = first.tasks.fault_hold, first.tasks.collect
     buffered = [hold.delay(i) for i in range(5)]
     held = [collect.apply_async((i,), countdown=4) for i in range(3)]
     ids = [r.id for r in (*buffered, *held)]
-    wait_for(lambda: _received(first, ids), what="8 calls received")
-    first_pids = worker_pids(first)
+    first.wait_received(ids)
+    first_pids = first.pids()
 
     # when it gets SIGTERM, and a new worker starts on the same queue
-    assert exit_code(first) == 0, first.log()
+    assert first.exit() == 0, first.log()
     log = first.log()
     assert re.search(r"Warm shutdown: flushed 5 buffered tests\.fault_hold ", log), log
     assert re.search(
@@ -93,26 +80,24 @@ def test_restart_after_warm_shutdown_runs_each_call_exactly_once(
         r"3 requests waiting for their ETA go back to the broker",
         log,
     ), log
-    second = spawn(broker, pool, queue=first.queue)
+    second = workers.start(broker, pool, queue=first.queue)
 
     # then every call runs exactly once in all, and the held ones run in the
     # new worker, once their ETA has come
     def all_ready() -> bool:
-        return all(s in {"SUCCESS", "FAILURE"} for s in states(second, ids))
+        return all(s in {"SUCCESS", "FAILURE"} for s in second.states(ids))
 
     wait_for(all_ready, timeout=40, what="every call to be stored")
-    assert states(second, ids) == ["SUCCESS"] * 8
-    assert run_counts(second, ids) == dict.fromkeys(ids, 1)
-    runs_by_id: dict[str, Any] = {
-        task_id: int(pid) for task_id, _, pid in second.journal.events("run")
-    }
+    assert second.states(ids) == ["SUCCESS"] * 8
+    assert second.run_counts(ids) == dict.fromkeys(ids, 1)
+    runs_by_id = {run.id: run.pid for run in second.journal.records(Run)}
     assert not {runs_by_id[r.id] for r in held} & first_pids
     assert [r.result for r in held] == [0, 1, 2]
 
 
 @pytest.mark.parametrize("broker", ["own-redis", "rabbitmq"])
 def test_late_acked_batches_that_ran_are_not_delivered_again(
-    spawn: Spawn, broker: str, request: pytest.FixtureRequest
+    workers: Workers, broker: str, request: pytest.FixtureRequest
 ) -> None:
     # given a prefork worker that ran two full batches of a late-acked task
     options: dict[str, Any] = {}
@@ -123,13 +108,13 @@ def test_late_acked_batches_that_ran_are_not_delivered_again(
         server = request.getfixturevalue("own_redis")
         db = server.fresh_db()
         options = {"urls": redis_urls(server, db)}
-    first = spawn(broker, "prefork", **options)
-    task = first.app.tasks["tests.fault_late_requeue"]
+    first = workers.start(broker, "prefork", **options)
+    task = first.tasks.fault_late_requeue
     ids = [task.delay(i).id for i in range(8)]
-    wait_for(lambda: states(first, ids) == ["SUCCESS"] * 8, what="both batches")
+    wait_for(lambda: first.states(ids) == ["SUCCESS"] * 8, what="both batches")
 
     # when it gets SIGTERM
-    assert exit_code(first) == 0, first.log()
+    assert first.exit() == 0, first.log()
 
     # then the acks of both batches reached the broker: on Redis nothing is
     # left in the transport's unacked index (from where it would come back
@@ -139,8 +124,8 @@ def test_late_acked_batches_that_ran_are_not_delivered_again(
         assert index.hlen("unacked") == 0
     # and a new worker on the same queue runs none of them again (one more
     # call, sent after anything that went back, shows it has caught up)
-    second = spawn(broker, "prefork", queue=first.queue, **options)
+    second = workers.start(broker, "prefork", queue=first.queue, **options)
     last = task.delay(8).id
-    wait_for(lambda: states(second, [last]) == ["SUCCESS"], timeout=40,
+    wait_for(lambda: second.states([last]) == ["SUCCESS"], timeout=40,
              what="the call sent after the restart")  # fmt: skip
-    assert run_counts(second, ids) == dict.fromkeys(ids, 1)
+    assert second.run_counts(ids) == dict.fromkeys(ids, 1)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, wait_for
+from tests.harness.brokers import ROOT
+from tests.harness.wait import wait_for
 
 
 def run_demo(*args: str) -> subprocess.CompletedProcess[str]:

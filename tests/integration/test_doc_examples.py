@@ -12,9 +12,10 @@ import doctest
 import sys
 import textwrap
 import threading
+import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +24,12 @@ from celery import Celery, signals, states
 
 from celery_batches import Batches, SimpleRequest
 from celery_batches.signals import batch_flushed
-from celery_batches.testing import apply_batch
-from tests.conftest import (
-    REDIS_BACKEND,
-    ROOT,
-    Flushes,
-    example_worker,
-    loading,
-    require_server,
-    wait_for,
-)
+from tests.harness.brokers import REDIS_BACKEND, ROOT, require_server
+from tests.harness.examples import EXAMPLES, Load, loading
+from tests.harness.wait import wait_for
+from tests.harness.worker import Worker, start_worker
 
 DOCS = ROOT / "docs"
-EXAMPLES = DOCS / "examples"
-
-# The examples are loaded from files: their attributes are not known to mypy.
-Load = Callable[[str], Any]
 
 
 @pytest.fixture
@@ -47,8 +38,9 @@ def load() -> Iterator[Load]:
         yield load
 
 
-def flushed(flushes: Flushes, task: str) -> int:
-    return sum(flush["size"] for flush in flushes if flush["task"] == task)
+def flushed(worker: Worker, task: Any) -> int:
+    """How many calls of ``task`` the worker has flushed."""
+    return sum(flush.size for flush in worker.flushes(task))
 
 
 # -- getting-started.rst and README.rst -----------------------------------------
@@ -58,12 +50,14 @@ def test_getting_started_gives_each_call_its_own_result_in_batches(load: Load) -
     # given the getting-started app and its task (flush_every=100)
     example = load("getting_started")
     words = [f"word{i}" for i in range(250)]
-    with example_worker(example.app, flush_interval=0.2) as flushes:
+    # (an interval long enough that only the last 50 wait for it, however
+    # slowly a loaded machine publishes the first 200)
+    with start_worker(app=example.app, batch_options={"flush_interval": 2}) as worker:
         # when 250 calls are sent and their results read
         results = example.send_words(words)
         # then each call has its own result, computed in batches of at most 100
         assert results == [word.upper() for word in words]
-        sizes = [f["size"] for f in flushes if f["task"] == example.shout.name]
+        sizes = [f.size for f in worker.flushes(example.shout)]
         assert sum(sizes) == 250 and max(sizes) == 100 and len(sizes) < 250
         # and a call's state can be read from its id alone
         call = example.shout.delay("ada")
@@ -103,31 +97,44 @@ def test_the_getting_started_session_runs_as_shown(
     monkeypatch.setitem(sys.modules, "getting_started", example)
     (session,) = code_blocks(DOCS / "getting-started.rst", "pycon")
     # when it runs against a worker, then every output is the one shown
-    with example_worker(example.app, flush_interval=0.2):
+    with start_worker(app=example.app, batch_options={"flush_interval": 0.2}):
         failed, tried = run_session(session, "getting-started.rst")
     assert (failed, tried) == (0, 5)
 
 
-def test_the_readme_example_is_the_getting_started_task(
+def test_the_readme_shows_the_getting_started_module_whole(
     load: Load, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # given the README's usage example
+    # given the README's usage example (the repository host renders no
+    # literalinclude, so the README carries its own copy)
     (block,) = code_blocks(ROOT / "README.rst", "python")
-    source = (EXAMPLES / "getting_started.py").read_text().splitlines()
-    # then each of its lines is a line of the tested getting-started module
-    missing = [line for line in block.splitlines() if line and line not in source]
-    assert missing == []
-    # and the block runs as it stands: its task batches and returns per call
-    namespace: dict[str, Any] = {"__name__": "readme_example"}
-    exec(compile(block, "README.rst", "exec"), namespace)
-    results = apply_batch(namespace["shout"], ["ada", "grace"])
-    assert [result.get() for result in results] == ["ADA", "GRACE"]
+    # then it is the tested getting-started module, every line of it
+    assert block == (EXAMPLES / "getting_started.py").read_text()
     # and the README's session gives the output shown, on a real worker
     example = load("getting_started")
     monkeypatch.setitem(sys.modules, "getting_started", example)
     (session,) = code_blocks(ROOT / "README.rst", "pycon")
-    with example_worker(example.app, flush_interval=0.2):
-        assert run_session(session, "README.rst") == (0, 2)
+    with start_worker(app=example.app, batch_options={"flush_interval": 0.2}):
+        assert run_session(session, "README.rst") == (0, 3)
+
+
+def test_getting_started_shows_the_module_whole() -> None:
+    # given the getting-started page
+    page = (DOCS / "getting-started.rst").read_text()
+    # then it includes the example module once, whole: no line range, no
+    # single object, so that what a reader copies runs as it stands
+    includes = [
+        line.split("::", 1)[1].strip()
+        for line in page.splitlines()
+        if line.startswith(".. literalinclude::")
+    ]
+    assert includes == ["examples/getting_started.py"]
+    directive = page.index(".. literalinclude:: examples/getting_started.py")
+    options = page[directive:].split("\n\n", 1)[0].splitlines()[1:]
+    assert [option.strip() for option in options] == [":language: python"]
+    # and the session it shows imports only what the module defines
+    (session,) = code_blocks(DOCS / "getting-started.rst", "pycon")
+    assert "from getting_started import send_words, shout" in session
 
 
 # -- per-request.rst --------------------------------------------------------------
@@ -144,8 +151,10 @@ def per_request() -> Iterator[Any]:
             "max_retries": 5,
         }
         # Long enough that the calls a test sends at once make one batch.
-        with example_worker(example.app, flush_interval=0.5) as flushes:
-            example.flushes = flushes
+        with start_worker(
+            app=example.app, batch_options={"flush_interval": 0.5}
+        ) as worker:
+            example.worker = worker
             yield example
 
 
@@ -181,7 +190,7 @@ def test_a_mapping_of_results_answers_each_call_by_id(per_request: Any) -> None:
     skus = ("apple", "pear", "apple", "kiwi")
     results = [per_request.stock_level.delay(sku) for sku in skus]
     assert [r.get(timeout=20) for r in results] == [12, 0, 12, 0]
-    assert flushed(per_request.flushes, per_request.stock_level.name) == 4
+    assert flushed(per_request.worker, per_request.stock_level) == 4
 
 
 def test_autoretry_for_retries_every_call_of_the_batch(per_request: Any) -> None:
@@ -230,13 +239,15 @@ def test_results_are_stored_in_bulk_on_redis(
         "execute",
         counting("pipeline", redis.client.Pipeline.execute),
     )
-    with example_worker(
-        example.app, backend=REDIS_BACKEND, flush_every=5, flush_interval=60
-    ) as flushes:
+    with start_worker(
+        app=example.app,
+        urls=("memory://", REDIS_BACKEND),
+        batch_options={"flush_every": 5, "flush_interval": 60},
+    ) as worker:
         # when one full batch of five calls runs (the solo pool runs it
         # before batch_flushed is sent)
         results = [example.shout.delay(word) for word in "abcde"]
-        wait_for(lambda: flushed(flushes, example.shout.name) == 5, what="a batch")
+        wait_for(lambda: flushed(worker, example.shout) == 5, what="a batch")
         # then its five results took one MGET and one pipeline
         assert worker_calls == Counter({"mget": 1, "pipeline": 1})
         assert [r.get(timeout=20) for r in results] == list("ABCDE")
@@ -249,24 +260,27 @@ def test_a_keyword_batch_key_never_mixes_tenants(load: Load) -> None:
     # given calls of three tenants, interleaved, and batches of three
     example = load("by_key")
     tenants = ["acme", "initech", "umbrella"] * 6
-    with example_worker(example.app, flush_every=3, flush_interval=60) as flushes:
+    with start_worker(
+        app=example.app, batch_options={"flush_every": 3, "flush_interval": 60}
+    ) as worker:
         for n, tenant in enumerate(tenants):
             example.record_usage.delay(tenant=tenant, units=n)
-        wait_for(lambda: flushed(flushes, example.record_usage.name) == 18, what="18")
+        wait_for(lambda: flushed(worker, example.record_usage) == 18, what="18")
     # then every batch wrote to one tenant, and each tenant got all its units
     expected: Counter[str] = Counter()
     for n, tenant in enumerate(tenants):
         expected[tenant] += n
     assert example.usage.units == expected
+    flushes = worker.flushes()
     assert len(example.usage.writes) == len(flushes) == 6
-    assert {f["key"] for f in flushes} == set(tenants)
-    assert {f["reason"] for f in flushes} == {"size"}
+    assert {f.key for f in flushes} == set(tenants)
+    assert {f.reason for f in flushes} == {"size"}
 
 
 def test_a_callable_batch_key_groups_by_mail_domain(load: Load) -> None:
     example = load("by_key")
     addresses = ["ada@a.example", "bob@B.example", "cy+news@a.example", "di@b.example"]
-    with example_worker(example.app, flush_interval=0.2):
+    with start_worker(app=example.app, batch_options={"flush_interval": 0.2}):
         results = [example.verify_mailbox.delay(address) for address in addresses]
         assert [r.get(timeout=20) for r in results] == [True, True, False, True]
     sessions = dict(example.smtp_sessions)
@@ -279,53 +293,150 @@ def test_a_callable_batch_key_groups_by_mail_domain(load: Load) -> None:
 # -- monitoring.rst ---------------------------------------------------------------
 
 
-def test_metrics_count_flushes_by_reason_and_batch_sizes(load: Load) -> None:
-    # given the metrics receiver connected, serving on a free local port
+def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """GET /metrics and parse it as Prometheus does: {(sample, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url = f"http://127.0.0.1:{port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        assert response.status == 200
+        text = response.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_count_flushes_by_reason_batch_sizes_and_waits(load: Load) -> None:
+    # given the metrics receivers connected, serving on a free local port
     metrics = load("metrics")
     metrics.METRICS_PORT = 0
     example = load("getting_started")
     name = example.shout.name
+    # Long enough that only the last 30 wait for it, however slowly a
+    # loaded machine publishes the first 200.
+    interval = 2
     try:
         metrics.start_metrics_server()
         server = metrics.metrics_server
         assert server is not None
-        with example_worker(example.app, flush_interval=0.3) as flushes:
+        with start_worker(
+            app=example.app, batch_options={"flush_interval": interval}
+        ) as worker:
             # when 230 calls run: full batches of 100, the rest by interval
             example.send_words([f"w{i}" for i in range(230)])
-            wait_for(lambda: flushed(flushes, name) == 230, what="230 calls flushed")
-        # then the counter has each flush by its reason
-        text = metrics.metrics.render()
-        reasons = Counter(f["reason"] for f in flushes if f["task"] == name)
+            wait_for(
+                lambda: flushed(worker, example.shout) == 230,
+                what="230 calls flushed",
+            )
+        flushes = worker.flushes(example.shout)
+        # then a scrape of the real exposition counts each flush by reason
+        samples = scrape(server.server_address[1])
+
+        def sample(metric: str, **labels: str) -> float:
+            return samples[metric, frozenset({"task": name, **labels}.items())]
+
+        reasons = Counter(f.reason for f in flushes)
         assert reasons["size"] >= 2 and reasons["interval"] >= 1
         for reason, count in reasons.items():
-            line = f'celery_batches_flushes_total{{task="{name}",reason="{reason}"}}'
-            assert f"{line} {count}\n" in text
-        # and the histogram has each batch in its buckets
-        sizes = [f["size"] for f in flushes if f["task"] == name]
+            assert sample("celery_batches_flushes_total", reason=reason) == count
+        # and the size histogram has each batch in its buckets
+        sizes = [f.size for f in flushes]
         for bound in (50, 100):
-            line = f'celery_batches_batch_size_bucket{{task="{name}",le="{bound}"}}'
-            assert f"{line} {sum(size <= bound for size in sizes)}\n" in text
-        assert f'celery_batches_batch_size_sum{{task="{name}"}} 230\n' in text
-        assert (
-            f'celery_batches_batch_size_count{{task="{name}"}} {len(sizes)}\n' in text
-        )
-        # and /metrics serves the same text
-        port = server.server_address[1]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            assert r.read().decode() == metrics.metrics.render()
+            assert sample("celery_batches_batch_size_bucket", le=f"{bound}.0") == sum(
+                size <= bound for size in sizes
+            )
+        assert sample("celery_batches_batch_size_sum") == 230
+        assert sample("celery_batches_batch_size_count") == len(sizes)
+        # and the wait histogram has each batch's oldest call: those flushed
+        # by interval waited the interval at least, none near the 30 s bucket
+        waits = "celery_batches_oldest_wait_seconds"
+        assert sample(f"{waits}_count") == len(sizes)
+        assert sample(f"{waits}_sum") >= reasons["interval"] * interval * 0.9
+        assert sample(f"{waits}_bucket", le="10.0") == len(sizes)
+        # and nothing is left noted for calls that were flushed
+        assert metrics.received_at == {}
     finally:
-        batch_flushed.disconnect(metrics.metrics.on_batch_flushed)
-        signals.worker_ready.disconnect(metrics.start_metrics_server)
+        batch_flushed.disconnect(metrics.on_batch_flushed)
+        for signal, receiver in (
+            (signals.task_received, metrics.on_task_received),
+            (signals.task_revoked, metrics.on_task_revoked),
+            (signals.worker_ready, metrics.start_metrics_server),
+        ):
+            signal.disconnect(receiver)
         if metrics.metrics_server is not None:
             metrics.metrics_server.shutdown()
             metrics.metrics_server.server_close()
+
+
+def test_metrics_forget_a_call_revoked_while_it_waits(load: Load) -> None:
+    # given the metrics receivers, and a call waiting in a buffer that
+    # flushes every 2 seconds
+    metrics = load("metrics")
+    example = load("getting_started")
+    try:
+        with start_worker(
+            app=example.app, batch_options={"flush_interval": 2}
+        ) as worker:
+            call = example.shout.delay("late")
+            wait_for(lambda: call.id in metrics.received_at, what="the call noted")
+            # when it is revoked before its batch is flushed
+            example.app.control.revoke(call.id)
+            # then the flush leaves it out, and the metrics forget it
+            wait_for(lambda: metrics.received_at == {}, what="the call forgotten")
+            assert call.state == states.REVOKED
+            assert worker.flushes() == []
+    finally:
+        batch_flushed.disconnect(metrics.on_batch_flushed)
+        for signal, receiver in (
+            (signals.task_received, metrics.on_task_received),
+            (signals.task_revoked, metrics.on_task_revoked),
+            (signals.worker_ready, metrics.start_metrics_server),
+        ):
+            signal.disconnect(receiver)
+
+
+def test_flower_sees_each_call_with_its_share_of_the_batch_runtime() -> None:
+    # given a batch task of 5 calls whose body takes half a second, on a
+    # worker that sends task events, and a receiver of them (as Flower is)
+    app = Celery("flower_runtime", set_as_current=False)
+    app.conf.worker_send_task_events = True
+
+    @app.task(base=Batches, flush_every=5, flush_interval=60, shared=False)
+    def slow(requests: list[SimpleRequest]) -> None:
+        time.sleep(0.5)
+
+    events: dict[str, dict[str, Any]] = {}
+    with start_worker(app=app), app.connection_for_read() as connection:
+        receiver = app.events.Receiver(
+            connection,
+            handlers={"task-succeeded": lambda e: events.update({e["uuid"]: e})},
+        )
+        # Its queue exists before the first call, so no event is missed.
+        receiver.queue(connection.default_channel).declare()
+        listening = threading.Thread(target=receiver.capture, daemon=True)
+        listening.start()
+        calls = [slow.delay(n) for n in range(5)]
+        try:
+            wait_for(lambda: len(events) == 5, what="5 task-succeeded events")
+        finally:
+            receiver.should_stop = True
+            listening.join(10)
+    # then each call is a task of its own, with its own id
+    assert set(events) == {call.id for call in calls}
+    # and its runtime is its share of the batch's: the same for each, and
+    # summed over the batch, the batch's run time once (not five times)
+    runtimes = [event["runtime"] for event in events.values()]
+    assert len(set(runtimes)) == 1
+    assert 0.5 <= sum(runtimes) < 1.25
 
 
 def test_inspect_reserved_lists_buffered_calls(load: Load) -> None:
     # given three calls waiting in a buffer that flushes at 100 or every minute
     inspecting = load("inspecting")
     example = load("getting_started")
-    with example_worker(example.app, flush_interval=60) as flushes:
+    with start_worker(app=example.app, batch_options={"flush_interval": 60}) as worker:
         calls = [example.shout.delay(word) for word in ("a", "b", "c")]
         ids = {call.id for call in calls}
 
@@ -335,11 +446,11 @@ def test_inspect_reserved_lists_buffered_calls(load: Load) -> None:
 
         # then `inspect reserved` lists them
         wait_for(lambda: ids <= waiting(), what="the calls to be listed as reserved")
-        assert flushes == []
+        assert worker.flushes() == []
         # and they run with the calls that fill their batch
         calls += [example.shout.delay("z") for _ in range(97)]
         assert [call.get(timeout=20) for call in calls[:3]] == ["A", "B", "C"]
-        assert [(f["size"], f["reason"]) for f in flushes] == [(100, "size")]
+        assert [(f.size, f.reason) for f in worker.flushes()] == [(100, "size")]
         # (Celery's start_worker() ends its worker with a cold shutdown, which
         # runs nothing from the buffer; the warm shutdown that does is tested
         # with real worker processes in tests/fault/test_shutdown.py.)
@@ -356,7 +467,7 @@ def test_inspect_active_lists_each_call_of_the_running_batch(load: Load) -> None
         started.set()
         release.wait(20)
 
-    with example_worker(app, pool="threads"):
+    with start_worker(app=app, pool="threads"):
         calls = [hold.delay(n) for n in range(2)]
         assert started.wait(20)
 
@@ -392,8 +503,10 @@ def migration() -> Iterator[Any]:
         example = load("migration")
         # The tests send each batch's calls within milliseconds: a second
         # leaves no room for an interval flush to split them.
-        with example_worker(example.app, flush_interval=1) as flushes:
-            example.flushes = flushes
+        with start_worker(
+            app=example.app, batch_options={"flush_interval": 1}
+        ) as worker:
+            example.worker = worker
             yield example
 
 
@@ -408,8 +521,8 @@ def test_a_body_that_stores_nothing_leaves_results_pending(migration: Any) -> No
     # given a body that returns a value but stores no result
     results = [migration.count_words.delay("a b c") for _ in range(3)]
     # when its batch has run (on the solo pool, batch_flushed comes after)
-    name = migration.count_words.name
-    wait_for(lambda: flushed(migration.flushes, name) == 3, what="the batch")
+    task = migration.count_words
+    wait_for(lambda: flushed(migration.worker, task) == 3, what="the batch")
     # then the calls' results are still PENDING, as with 0.11
     assert migration.batch_sizes == [3]
     assert {r.state for r in results} == {states.PENDING}
@@ -426,6 +539,28 @@ def test_a_body_that_raises_fails_every_call_of_its_batch(migration: Any) -> Non
     assert migration.imported == []
 
 
+# -- transports.rst ---------------------------------------------------------------
+
+
+def test_the_sqs_example_outlasts_the_longest_hold_of_a_call(load: Load) -> None:
+    # given the SQS example's task and transport options
+    example = load("transports")
+    task = example.index_documents
+    timeout = example.app.conf.broker_transport_options["visibility_timeout"]
+    # then a call held the longest the page says (its wait in the buffer,
+    # and with acks_late its batch's run) is acked before SQS hands its
+    # message to another consumer
+    assert task.acks_late
+    held = task.flush_interval + task.time_limit
+    assert timeout > held
+    # and the body is a batch body that runs
+    with start_worker(app=example.app, batch_options={"flush_interval": 0.2}):
+        for n in range(3):
+            task.delay(document=f"doc {n}")
+        wait_for(lambda: len(example.search_index.documents) == 3, what="3 docs")
+    assert sorted(example.search_index.documents) == ["doc 0", "doc 1", "doc 2"]
+
+
 # -- configuration.rst ------------------------------------------------------------
 
 
@@ -435,7 +570,7 @@ def test_the_configuration_example_runs_with_every_option(load: Load) -> None:
     assert (task.flush_every, task.flush_interval) == (200, 2.5)
     assert task.acks_late and task.reject_on_worker_lost and task.per_request_results
     assert (task.soft_time_limit, task.time_limit) == (50, 60)
-    with example_worker(example.app, flush_interval=0.2) as flushes:
+    with start_worker(app=example.app, batch_options={"flush_interval": 0.2}) as worker:
         results = [
             example.charge.delay(account=account, amount=amount)
             for account, amount in [("a", 5), ("b", 7), ("a", 9)]
@@ -443,4 +578,4 @@ def test_the_configuration_example_runs_with_every_option(load: Load) -> None:
         receipts = [r.get(timeout=20) for r in results]
     assert [r.split("-")[0] for r in receipts] == ["a", "b", "a"]
     assert sorted(example.payments.charges) == [("a", [5, 9]), ("b", [7])]
-    assert {f["key"] for f in flushes} == {"a", "b"}
+    assert {f.key for f in worker.flushes()} == {"a", "b"}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import defaultdict
 from collections.abc import Iterator
@@ -12,45 +11,29 @@ from typing import Any
 import pytest
 from kombu.utils.uuid import uuid
 
-from tests.conftest import (
-    Worker,
-    start_subprocess_worker,
-    stop_subprocess_worker,
-    thread_worker,
-    wait_for,
-)
+from tests.harness.wait import wait_for
+from tests.harness.worker import Worker, start_worker
 
 DEDICATED = [("memory", "solo"), ("redis", "prefork"), ("rabbitmq", "prefork")]
 
 
-def _dedicated(broker: str, pool: str, journal: str, **conf: Any) -> Iterator[Worker]:
-    if broker == "memory":
-        with thread_worker(pool, journal, **conf) as w:
-            yield w
-        return
-    w = start_subprocess_worker(broker, pool, journal, conf=conf)
-    try:
-        yield w
-    finally:
-        stop_subprocess_worker(w)
+@pytest.fixture(
+    scope="module", params=DEDICATED, ids=[f"{b}-{p}" for b, p in DEDICATED]
+)
+def events_worker(request: pytest.FixtureRequest) -> Iterator[Worker]:
+    broker, pool = request.param
+    conf = {"worker_send_task_events": True}
+    with start_worker(broker, pool, conf=conf) as worker:
+        yield worker
 
 
 @pytest.fixture(
     scope="module", params=DEDICATED, ids=[f"{b}-{p}" for b, p in DEDICATED]
 )
-def events_worker(request: pytest.FixtureRequest, journal_dir: str) -> Iterator[Worker]:
+def rpc_worker(request: pytest.FixtureRequest) -> Iterator[Worker]:
     broker, pool = request.param
-    journal = os.path.join(journal_dir, f"events-{broker}-{pool}.journal")
-    yield from _dedicated(broker, pool, journal, worker_send_task_events=True)
-
-
-@pytest.fixture(
-    scope="module", params=DEDICATED, ids=[f"{b}-{p}" for b, p in DEDICATED]
-)
-def rpc_worker(request: pytest.FixtureRequest, journal_dir: str) -> Iterator[Worker]:
-    broker, pool = request.param
-    journal = os.path.join(journal_dir, f"rpc-{broker}-{pool}.journal")
-    yield from _dedicated(broker, pool, journal, result_backend="rpc://")
+    with start_worker(broker, pool, conf={"result_backend": "rpc://"}) as worker:
+        yield worker
 
 
 class EventLog:
@@ -101,12 +84,12 @@ class EventLog:
 
 
 def test_each_request_emits_its_own_events(events_worker: Worker) -> None:
-    app = events_worker.app
+    tasks = events_worker.tasks
     with EventLog(events_worker) as log:
         # given calls that succeed, fail and retry, in batches
-        ok = [app.tasks["tests.collect"].delay(i) for i in range(3)]
-        bad = [app.tasks["tests.boom"].delay(i) for i in range(3)]
-        retried = app.tasks["tests.retrying"].delay(1)
+        ok = [tasks.collect.delay(i) for i in range(3)]
+        bad = [tasks.boom.delay(i) for i in range(3)]
+        retried = tasks.retrying.delay(1)
         # then each request has its own received/started/outcome events
         for r in ok:
             wait_for(partial(log.has, r.id, "task-succeeded"), what=f"ok {r.id}")
@@ -124,7 +107,7 @@ def test_inspect_lists_buffered_and_running_requests(events_worker: Worker) -> N
     app = events_worker.app
     inspect = app.control.inspect(timeout=3)
     # given three calls waiting in a buffer that flushes at five
-    sized = app.tasks["tests.sized"]
+    sized = events_worker.tasks.sized
     waiting = [sized.delay(i) for i in range(3)]
 
     def reserved_ids() -> set[str]:
@@ -137,7 +120,7 @@ def test_inspect_lists_buffered_and_running_requests(events_worker: Worker) -> N
     assert [r.get(timeout=20) for r in waiting + rest] == list(range(5))
 
     # given a batch that runs for a while
-    sleepy = app.tasks["tests.sleepy"]
+    sleepy = events_worker.tasks.sleepy
     running = [sleepy.delay(1.5), sleepy.delay(1.5)]
     wait_for(
         lambda: all(events_worker.runs(r.id) for r in running), what="batch started"
@@ -154,10 +137,9 @@ def test_inspect_lists_buffered_and_running_requests(events_worker: Worker) -> N
 
 
 def test_rpc_results_reach_the_caller(rpc_worker: Worker) -> None:
-    app = rpc_worker.app
-    assert app.conf.result_backend == "rpc://"
-    ok = [app.tasks["tests.collect"].delay(i, 1) for i in range(3)]
-    settled = [app.tasks["tests.settle"].delay(i) for i in range(4)]
+    assert rpc_worker.app.conf.result_backend == "rpc://"
+    ok = [rpc_worker.tasks.collect.delay(i, 1) for i in range(3)]
+    settled = [rpc_worker.tasks.settle.delay(i) for i in range(4)]
     assert [r.get(timeout=20) for r in ok] == [i + 1 for i in range(3)]
     assert settled[0].get(timeout=20) == 0
     assert settled[2].get(timeout=20) == 20

@@ -12,7 +12,7 @@ from kombu.utils.uuid import uuid
 from celery_batches import Batches, SimpleRequest
 from celery_batches.eager import eager_request
 from celery_batches.trace import run_batch
-from tests.conftest import REDIS_BACKEND, require_server
+from tests.harness.brokers import REDIS_BACKEND, require_server
 
 
 @pytest.fixture

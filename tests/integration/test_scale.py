@@ -2,80 +2,63 @@
 
 from __future__ import annotations
 
-import os
+import statistics
 from collections import Counter
-from collections.abc import Iterator
 
 import pytest
+from celery import Task
 
-from tests.conftest import (
-    Worker,
-    start_subprocess_worker,
-    stop_subprocess_worker,
-    wait_for,
-)
-
-REAL_BROKERS = ["redis", "rabbitmq"]
+from tests.harness.journal import Batch, Run
+from tests.harness.params import QUEUE_KINDS, queue_kind
+from tests.harness.wait import wait_for
+from tests.harness.worker import Workers
 
 
-@pytest.fixture(params=REAL_BROKERS)
-def broker(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
 def test_two_workers_share_one_queue_and_run_each_call_once(
-    broker: str, journal_dir: str
+    workers: Workers, broker: str
 ) -> None:
     # given two worker processes consuming the same queue
-    journal = os.path.join(journal_dir, f"scale-{broker}.journal")
-    first = start_subprocess_worker(broker, "solo", journal)
-    second = start_subprocess_worker(broker, "solo", journal, queue=first.queue)
-    try:
-        task = first.app.tasks["tests.collect"]
-        # when many calls are sent
-        results = [task.delay(i) for i in range(200)]
-        # then every call has its result, ran exactly once, and both workers
-        # took a share, each in batches of its own
-        assert [r.get(timeout=60) for r in results] == list(range(200))
-        ids = {r.id for r in results}
-        runs = [f for f in first.journal.events("run") if f[0] in ids]
-        assert Counter(f[0] for f in runs) == Counter({i: 1 for i in ids})
-        pids = {int(f[2]) for f in runs}
-        assert first.process is not None and second.process is not None
-        assert pids == {first.process.pid, second.process.pid}
-        assert max(int(f[1]) for f in runs) == 5
-    finally:
-        stop_subprocess_worker(second)
-        stop_subprocess_worker(first)
+    first = workers.start(broker, "solo")
+    second = workers.start(broker, "solo", queue=first.queue)
+    task = first.tasks.collect
+    # when many calls are sent
+    results = [task.delay(i) for i in range(200)]
+    # then every call has its result, ran exactly once, and both workers
+    # took a share, each in batches of its own
+    assert [r.get(timeout=60) for r in results] == list(range(200))
+    ids = {r.id for r in results}
+    runs = [run for run in first.journal.records(Run) if run.id in ids]
+    assert Counter(run.id for run in runs) == Counter({i: 1 for i in ids})
+    assert first.process is not None and second.process is not None
+    assert {run.pid for run in runs} == {first.process.pid, second.process.pid}
+    assert max(run.size for run in runs) == 5
 
 
-@pytest.fixture
-def backlog_worker(broker: str, journal_dir: str) -> Iterator[Worker]:
-    journal = os.path.join(journal_dir, f"backlog-{broker}.journal")
-    # Celery's default prefetch: multiplier 4 on two processes.
-    w = start_subprocess_worker(broker, "prefork", journal, concurrency=2)
-    try:
-        yield w
-    finally:
-        stop_subprocess_worker(w)
-
-
+@pytest.mark.parametrize(
+    "kind", [queue_kind(k) for k in ("redis", "rabbitmq-classic", "rabbitmq-quorum")]
+)
 def test_two_batch_tasks_fill_full_batches_at_default_prefetch(
-    backlog_worker: Worker,
+    workers: Workers, kind: str
 ) -> None:
-    app = backlog_worker.app
-    # given a backlog of two batch tasks, interleaved, at default settings
-    big, big2 = app.tasks["tests.big"], app.tasks["tests.big2"]
+    # given a prefork worker of two processes at Celery's default prefetch
+    # (multiplier 4), and a backlog of two batch tasks with flush_every=100,
+    # interleaved: on a quorum queue, with per-consumer QoS
+    broker, conf = QUEUE_KINDS[kind]
+    worker = workers.start(broker, "prefork", concurrency=2, conf=conf)
+    big, big2 = worker.tasks.big, worker.tasks.big2
     for _ in range(300):
         big.delay()
         big2.delay()
 
-    def sizes(kind: str) -> list[int]:
-        return [int(f[1]) for f in backlog_worker.journal.events(kind)]
+    def sizes(task: Task) -> list[int]:
+        return [b.size for b in worker.journal.records(Batch) if b.task == task.name]
 
-    # then both drain, in batches that fill to flush_every, neither starving
-    wait_for(lambda: sum(sizes("batch")) >= 300, timeout=60, what="tests.big done")
-    wait_for(lambda: sum(sizes("batch2")) >= 300, timeout=60, what="tests.big2 done")
-    assert sum(sizes("batch")) == 300 and sum(sizes("batch2")) == 300
-    for kind in ("batch", "batch2"):
-        assert sum(sizes(kind)) / len(sizes(kind)) >= 90, sizes(kind)
+    # when both have drained
+    wait_for(lambda: sum(sizes(big)) >= 300, timeout=60, what="tests.big done")
+    wait_for(lambda: sum(sizes(big2)) >= 300, timeout=60, what="tests.big2 done")
+    # then both ran in batches that fill to flush_every, neither starving
+    for task in (big, big2):
+        assert sum(sizes(task)) == 300
+        assert sum(sizes(task)) / len(sizes(task)) >= 90, sizes(task)
+        assert statistics.median(sizes(task)) == 100, sizes(task)

@@ -100,8 +100,10 @@ def test_canary_kombu_qos_mutex() -> None:
 def test_canary_kombu_hub_ready_and_waker() -> None:
     hub = Hub()
     try:
-        assert hasattr(hub, "_ready") and hasattr(hub, "_pop_ready")
-        assert hasattr(hub, "_waker") == (KOMBU >= (5, 7))
+        # what wake_hub_with_pending_callbacks needs, from Kombu 5.7 on
+        # (before, it installs no tick, and needs nothing)
+        needed = ("_ready", "_pop_ready", "_waker")
+        assert all(hasattr(hub, name) for name in needed) == (KOMBU >= (5, 7))
     finally:
         hub.close()
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pickle
+import sys
 import threading
 
+import pytest
 from celery import Celery
 from kombu.utils.uuid import uuid
 
@@ -37,3 +39,24 @@ def test_outcomes_pickle_for_retries_failures_and_successes(app: Celery) -> None
     # then what goes back to the worker survives the pipe
     failed = [flag for flag, _, _ in pickle.loads(pickle.dumps(outcomes))]
     assert failed == [1, 1, 0]
+
+
+def test_a_batch_runs_without_the_redis_client(
+    app: Celery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # given an install without the redis client (`pip install .`, as for
+    # RabbitMQ), where Celery's Redis backend module cannot be imported
+    monkeypatch.setitem(sys.modules, "celery.backends.redis", None)
+    monkeypatch.setitem(sys.modules, "redis", None)
+
+    @app.task(base=Batches, name="unit.no_redis", shared=False)
+    def body(requests: list[SimpleRequest]) -> list[int]:
+        return [request.args[0] * 2 for request in requests]
+
+    body.per_request_results = True
+    requests = [eager_request(body, uuid(), (n,), {}, {}) for n in range(3)]
+    # when a batch runs
+    _, outcomes = run_batch(body, requests)
+    # then every call succeeds, its result stored by the app's own backend
+    assert [flag for flag, _, _ in outcomes] == [0, 0, 0]
+    assert [body.AsyncResult(r.id).get(timeout=5) for r in requests] == [0, 2, 4]

@@ -1,24 +1,87 @@
-"""The Celery app and batch tasks that the integration tests run.
+"""The test app's tasks: batch tasks that journal what they run, and a few plain ones.
 
-Built by :func:`create_app` in the test process (in-memory transport,
-worker in a thread) and by ``tests.worker_app`` in worker subprocesses
-(Redis, RabbitMQ), from the same code so both sides agree on every task.
+Every task is registered on the app as ``tests.<name>`` and reached in a test
+as an attribute of :class:`Tasks` (``worker.tasks.collect.delay(1)``), so a
+misspelt task is a mypy error, not a ``KeyError`` in a worker. To add one,
+define it in :func:`register_tasks` with ``@batch(...)`` or ``@plain(...)``
+and add a field of the same name to :class:`Tasks`; registering checks that
+the two agree.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from celery import Celery, signals
+from celery import Celery, Task
 from celery.exceptions import Ignore, Reject
 
 from celery_batches import Batches, SimpleRequest
-from celery_batches.signals import batch_flushed
+from tests.harness.journal import Batch, Journal, Keys, Plain, PlainRun, Run, Timed
 
-__all__ = ["Journal", "TouchyKey", "create_app"]
+__all__ = ["Tasks", "TouchyKey", "register_tasks"]
+
+
+@dataclass(frozen=True)
+class Tasks:
+    """The test app's tasks, each registered as ``tests.<field name>``."""
+
+    # The integration suite's.
+    collect: Batches
+    sized: Batches
+    plain: Batches
+    boom: Batches
+    settle: Batches
+    late: Batches
+    sleepy: Batches
+    keyed: Batches
+    retrying: Batches
+    big: Batches
+    big2: Batches
+    documented: Batches
+    total: Task
+    # The hardening suite's (tests/fault/test_hardening.py).
+    unencodable: Batches
+    settles_all: Batches
+    retry_nothrow: Batches
+    timed: Batches
+    huge: Batches
+    batch_reject: Batches
+    batch_requeue: Batches
+    batch_ignore: Batches
+    plain_reject: Task
+    plain_requeue: Task
+    plain_ignore: Task
+    # The fault suite's (tests/fault).
+    fault_hold: Batches
+    fault_shutdown: Batches
+    fault_late_requeue: Batches
+    fault_late_lost: Batches
+    fault_restart: Batches
+    fault_deep: Batches
+    fault_soft: Batches
+    fault_long: Batches
+    fault_plain_late: Task
+    # The attack suite's (tests/fault/test_attack.py).
+    attack_drain: Batches
+    attack_drain_early: Batches
+    attack_sorted: Batches
+    attack_retry_all: Batches
+    attack_touchy: Batches
+    attack_retry_odd: Batches
+
+    def twins(self, mode: str) -> tuple[Batches, Task]:
+        """The batch task and the plain task that end their calls by ``mode``."""
+        twins = {
+            "reject": (self.batch_reject, self.plain_reject),
+            "requeue": (self.batch_requeue, self.plain_requeue),
+            "ignore": (self.batch_ignore, self.plain_ignore),
+        }
+        return twins[mode]
 
 
 class TouchyKey:
@@ -38,113 +101,76 @@ class TouchyKey:
         raise TypeError(f"cannot compare {self.value!r} with {other!r}")
 
 
-class Journal:
-    """An append-only file of what happened in a worker, one event a line.
+Decorator = Callable[[Callable[..., Any]], Any]
 
-    Lines are written with ``O_APPEND`` in one ``write`` each, so lines from
-    the worker's main process and its pool children never interleave.
+
+def register_tasks(app: Celery, journal: Journal, gate: str) -> Tasks:
+    """Register the test tasks on ``app``; return them.
+
+    Arguments:
+        app: The app to register on (each worker, and each sending test,
+            has its own).
+        journal: Where the tasks record what they run.
+        gate: A file whose existence holds the gated tasks' running batches.
     """
+    made: dict[str, Any] = {}
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def batch(name: str | None = None, **options: Any) -> Decorator:
+        def register(fun: Callable[..., Any]) -> Any:
+            key = name or fun.__name__
+            made[key] = app.task(
+                base=Batches, name=f"tests.{key}", shared=False, **options
+            )(fun)
+            return made[key]
 
-    def write(self, *fields: object) -> None:
-        line = (" ".join(str(f) for f in fields) + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line)
-        finally:
-            os.close(fd)
+        return register
 
-    def lines(self) -> list[list[str]]:
-        try:
-            with open(self.path) as f:
-                return [line.split() for line in f if line.strip()]
-        except FileNotFoundError:
-            return []
+    def plain(name: str | None = None, **options: Any) -> Decorator:
+        def register(fun: Callable[..., Any]) -> Any:
+            key = name or fun.__name__
+            made[key] = app.task(name=f"tests.{key}", shared=False, **options)(fun)
+            return made[key]
 
-    def events(self, kind: str) -> list[list[str]]:
-        return [fields[1:] for fields in self.lines() if fields[0] == kind]
-
-    def ids(self, kind: str) -> list[str]:
-        return [fields[0] for fields in self.events(kind)]
-
-
-def create_app(
-    *,
-    broker: str,
-    backend: str,
-    journal: str,
-    queue: str,
-    **conf: Any,
-) -> Celery:
-    """Return the test app: batch tasks that record what they run in ``journal``."""
-    app = Celery("batches_tests", broker=broker, backend=backend, set_as_current=False)
-    settings: dict[str, Any] = {
-        "task_default_queue": queue,
-        "worker_hijack_root_logger": False,
-        "broker_connection_retry_on_startup": True,
-        "result_expires": 600,
-        "worker_send_task_events": False,
-    }
-    settings.update(conf)
-    app.conf.update(settings)
-    log = Journal(journal)
+        return register
 
     def record(requests: list[SimpleRequest]) -> None:
         for r in requests:
-            log.write("run", r.id, len(requests), os.getpid())
+            journal.write(
+                Run(id=r.id, task=r.name, size=len(requests), pid=os.getpid())
+            )
 
-    @app.task(
-        base=Batches,
-        name="tests.collect",
-        flush_every=5,
-        flush_interval=0.5,
-        per_request_results=True,
-        shared=False,
-    )
+    def wait_at_gate() -> None:
+        # Keeps a batch running while a fault test kills its process. The
+        # wait is bounded so that a child orphaned by a kill -9 of its
+        # parent never outlives the test run.
+        deadline = time.monotonic() + 60
+        while os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    # -- the integration suite's tasks ------------------------------------
+
+    @batch(flush_every=5, flush_interval=0.5, per_request_results=True)
     def collect(requests: list[SimpleRequest]) -> list[Any]:
         record(requests)
         return [sum(r.args) + sum(r.kwargs.values()) for r in requests]
 
-    @app.task(
-        base=Batches,
-        name="tests.sized",
-        flush_every=5,
-        flush_interval=60,
-        per_request_results=True,
-        shared=False,
-    )
+    @batch(flush_every=5, flush_interval=60, per_request_results=True)
     def sized(requests: list[SimpleRequest]) -> list[Any]:
         # The interval is long enough that only a full buffer flushes it.
         record(requests)
         return [r.args[0] for r in requests]
 
-    @app.task(
-        base=Batches,
-        name="tests.plain",
-        flush_every=5,
-        flush_interval=0.5,
-        shared=False,
-    )
-    def plain(requests: list[SimpleRequest]) -> int:
+    @batch(name="plain", flush_every=5, flush_interval=0.5)
+    def plain_batch(requests: list[SimpleRequest]) -> int:
         record(requests)
         return len(requests)
 
-    @app.task(
-        base=Batches, name="tests.boom", flush_every=3, flush_interval=0.5, shared=False
-    )
+    @batch(flush_every=3, flush_interval=0.5)
     def boom(requests: list[SimpleRequest]) -> None:
         record(requests)
         raise ValueError("boom")
 
-    @app.task(
-        base=Batches,
-        name="tests.settle",
-        flush_every=4,
-        flush_interval=0.5,
-        shared=False,
-    )
+    @batch(flush_every=4, flush_interval=0.5)
     def settle(requests: list[SimpleRequest]) -> None:
         record(requests)
         for r in requests:
@@ -153,56 +179,27 @@ def create_app(
             else:
                 r.mark_as_done(r.args[0] * 10)
 
-    @app.task(
-        base=Batches,
-        name="tests.late",
-        flush_every=5,
-        flush_interval=0.5,
-        acks_late=True,
-        per_request_results=True,
-        shared=False,
-    )
+    @batch(flush_every=5, flush_interval=0.5, acks_late=True, per_request_results=True)
     def late(requests: list[SimpleRequest]) -> list[Any]:
         record(requests)
         return [r.args[0] for r in requests]
 
-    @app.task(
-        base=Batches,
-        name="tests.sleepy",
-        flush_every=2,
-        flush_interval=0.3,
-        time_limit=2,
-        per_request_results=True,
-        shared=False,
-    )
+    @batch(flush_every=2, flush_interval=0.3, time_limit=2, per_request_results=True)
     def sleepy(requests: list[SimpleRequest]) -> list[Any]:
         record(requests)
         time.sleep(max(r.args[0] for r in requests))
         return [r.args[0] for r in requests]
 
-    @app.task(
-        base=Batches,
-        name="tests.keyed",
-        flush_every=3,
-        flush_interval=0.5,
-        batch_key="tenant",
-        per_request_results=True,
-        shared=False,
+    @batch(
+        flush_every=3, flush_interval=0.5, batch_key="tenant", per_request_results=True
     )
     def keyed(requests: list[SimpleRequest]) -> list[Any]:
         record(requests)
-        tenants = {r.kwargs["tenant"] for r in requests}
-        log.write("keys", requests[0].id, ",".join(sorted(tenants)))
+        tenants = sorted({r.kwargs["tenant"] for r in requests})
+        journal.write(Keys(id=requests[0].id, keys=tenants))
         return [r.kwargs["tenant"] for r in requests]
 
-    @app.task(
-        base=Batches,
-        name="tests.retrying",
-        flush_every=4,
-        flush_interval=0.3,
-        max_retries=2,
-        shared=False,
-    )
+    @batch(flush_every=4, flush_interval=0.3, max_retries=2)
     def retrying(requests: list[SimpleRequest]) -> None:
         record(requests)
         for r in requests:
@@ -212,36 +209,26 @@ def create_app(
             else:
                 r.mark_as_done(retries)
 
-    @app.task(
-        base=Batches,
-        name="tests.big",
-        flush_every=100,
-        flush_interval=2,
-        ignore_result=True,
-        shared=False,
-    )
-    def big(requests: list[SimpleRequest]) -> None:
-        log.write("batch", requests[0].id, len(requests), os.getpid())
+    def journal_batch(requests: list[SimpleRequest]) -> None:
+        journal.write(
+            Batch(
+                id=requests[0].id,
+                task=requests[0].name,
+                size=len(requests),
+                pid=os.getpid(),
+            )
+        )
 
-    @app.task(
-        base=Batches,
-        name="tests.big2",
-        flush_every=100,
-        flush_interval=2,
-        ignore_result=True,
-        shared=False,
-    )
+    @batch(flush_every=100, flush_interval=2, ignore_result=True)
+    def big(requests: list[SimpleRequest]) -> None:
+        journal_batch(requests)
+
+    @batch(flush_every=100, flush_interval=2, ignore_result=True)
     def big2(requests: list[SimpleRequest]) -> None:
         # A second batch task on the same worker, to show neither starves.
-        log.write("batch2", requests[0].id, len(requests), os.getpid())
+        journal_batch(requests)
 
-    @app.task(
-        base=Batches,
-        name="tests.documented",
-        flush_every=3,
-        flush_interval=0.3,
-        shared=False,
-    )
+    @batch(flush_every=3, flush_interval=0.3)
     def documented(requests: list[SimpleRequest]) -> None:
         # The retry pattern celery-batches 0.11 documents: re-send the call
         # with the same task id and a countdown, store results through the
@@ -260,49 +247,27 @@ def create_app(
                     request.id, request.args[0] * 3, request=request
                 )
 
-    @app.task(name="tests.total", shared=False)
+    @plain()
     def total(values: list[int]) -> int:
         # A plain task, for chord callbacks over batch members.
         return sum(values)
 
     # -- the hardening suite's tasks (tests/fault/test_hardening.py) -------
 
-    @app.task(
-        base=Batches,
-        name="tests.unencodable",
-        flush_every=3,
-        flush_interval=0.5,
-        per_request_results=True,
-        shared=False,
-    )
+    @batch(flush_every=3, flush_interval=0.5, per_request_results=True)
     def unencodable(requests: list[SimpleRequest]) -> list[Any]:
         # A set is a value the JSON result serializer cannot encode.
         record(requests)
         return [{r.args[0]} if r.args[0] == "bad" else r.args[0] for r in requests]
 
-    @app.task(
-        base=Batches,
-        name="tests.settles_all",
-        flush_every=3,
-        flush_interval=0.5,
-        per_request_results=True,
-        shared=False,
-    )
+    @batch(flush_every=3, flush_interval=0.5, per_request_results=True)
     def settles_all(requests: list[SimpleRequest]) -> None:
         # Settles every call itself and returns nothing to distribute.
         record(requests)
         for r in requests:
             r.mark_as_done(r.args[0])
 
-    @app.task(
-        base=Batches,
-        name="tests.retry_nothrow",
-        bind=True,
-        flush_every=3,
-        flush_interval=0.3,
-        max_retries=3,
-        shared=False,
-    )
+    @batch(bind=True, flush_every=3, flush_interval=0.3, max_retries=3)
     def retry_nothrow(self: Batches, requests: list[SimpleRequest]) -> None:
         record(requests)
         first = [r for r in requests if not r.request_dict.get("retries")]
@@ -313,43 +278,16 @@ def create_app(
             if not r.settled:
                 r.mark_as_done(r.request_dict.get("retries"))
 
-    @app.task(
-        base=Batches,
-        name="tests.timed",
-        flush_every=3,
-        flush_interval=0.3,
-        per_request_results=True,
-        shared=False,
-    )
+    @batch(flush_every=3, flush_interval=0.3, per_request_results=True)
     def timed(requests: list[SimpleRequest]) -> list[Any]:
         # When each call ran, to check that none ran before its ETA.
         record(requests)
         now = time.time()
         for r in requests:
-            log.write("timed", r.id, now)
+            journal.write(Timed(id=r.id, at=now))
         return [r.args[0] for r in requests]
 
-    @app.task(
-        base=Batches,
-        name="tests.fifty",
-        flush_every=50,
-        flush_interval=5,
-        ignore_result=True,
-        shared=False,
-    )
-    def fifty(requests: list[SimpleRequest]) -> None:
-        # A backlog task: batches that fill only if the broker delivers
-        # 50 calls while they wait unacked.
-        record(requests)
-
-    @app.task(
-        base=Batches,
-        name="tests.huge",
-        flush_every=50_000,
-        flush_interval=5,
-        ignore_result=True,
-        shared=False,
-    )
+    @batch(flush_every=50_000, flush_interval=5, ignore_result=True)
     def huge(requests: list[SimpleRequest]) -> None:
         # Would widen the prefetch window past what AMQP can carry.
         record(requests)
@@ -367,14 +305,12 @@ def create_app(
     def twins(mode: str) -> None:
         """A batch task and a plain task that end their calls the same way."""
 
-        @app.task(
-            base=Batches,
-            name=f"tests.batch_{mode}",
+        @batch(
+            name=f"batch_{mode}",
             flush_every=3,
             flush_interval=0.5,
             acks_late=True,
             per_request_results=True,
-            shared=False,
         )
         def batch_twin(requests: list[SimpleRequest]) -> list[Any]:
             record(requests)
@@ -382,118 +318,66 @@ def create_app(
             value = predicate(mode, redelivered)
             return [value] * len(requests)
 
-        @app.task(name=f"tests.plain_{mode}", bind=True, acks_late=True, shared=False)
+        @plain(name=f"plain_{mode}", bind=True, acks_late=True)
         def plain_twin(self: Any, value: int) -> Any:
-            log.write("plainrun", self.request.id, os.getpid())
+            journal.write(PlainRun(id=self.request.id, pid=os.getpid()))
             redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
             return predicate(mode, redelivered)
 
     for mode in ("reject", "requeue", "ignore"):
         twins(mode)
 
-    # -- the fault suite's tasks (tests/fault), all named tests.fault_* ----
+    # -- the fault suite's tasks (tests/fault) -----------------------------
 
-    gate = journal + ".gate"
-
-    def wait_at_gate() -> None:
-        # Keeps a batch running while a fault test kills its process. The
-        # wait is bounded so that a child orphaned by a kill -9 of its
-        # parent never outlives the test run.
-        deadline = time.monotonic() + 60
-        while os.path.exists(gate) and time.monotonic() < deadline:
-            time.sleep(0.02)
-
-    @app.task(
-        base=Batches,
-        name="tests.fault_hold",
-        flush_every=100,
-        flush_interval=3,
-        per_request_results=True,
-        shared=False,
-    )
+    @batch(flush_every=100, flush_interval=3, per_request_results=True)
     def fault_hold(requests: list[SimpleRequest]) -> list[Any]:
         # Calls sit in the buffer for seconds: long enough for a test to
         # stop the worker or the broker while they wait.
         record(requests)
         return [r.args[0] for r in requests]
 
-    @app.task(
-        base=Batches,
-        name="tests.fault_shutdown",
-        flush_every=100,
-        flush_interval=30,
-        per_request_results=True,
-        shared=False,
-    )
+    @batch(flush_every=100, flush_interval=30, per_request_results=True)
     def fault_shutdown(requests: list[SimpleRequest]) -> list[Any]:
         # Only a shutdown flushes these in a test: the green pools take a
         # few seconds to act on a SIGTERM, longer than fault_hold's 3 s.
         record(requests)
         return [r.args[0] for r in requests]
 
-    @app.task(
-        base=Batches,
-        name="tests.fault_late_requeue",
+    @batch(
         flush_every=4,
         flush_interval=0.5,
         acks_late=True,
         reject_on_worker_lost=True,
         per_request_results=True,
-        shared=False,
     )
     def fault_late_requeue(requests: list[SimpleRequest]) -> list[Any]:
         record(requests)
         wait_at_gate()
         return [r.args[0] for r in requests]
 
-    @app.task(
-        base=Batches,
-        name="tests.fault_late_lost",
-        flush_every=4,
-        flush_interval=0.5,
-        acks_late=True,
-        per_request_results=True,
-        shared=False,
-    )
+    @batch(flush_every=4, flush_interval=0.5, acks_late=True, per_request_results=True)
     def fault_late_lost(requests: list[SimpleRequest]) -> list[Any]:
         record(requests)
         wait_at_gate()
         return [r.args[0] for r in requests]
 
-    @app.task(
-        base=Batches,
-        name="tests.fault_restart",
-        flush_every=8,
-        flush_interval=2,
-        per_request_results=True,
-        shared=False,
-    )
+    @batch(flush_every=8, flush_interval=2, per_request_results=True)
     def fault_restart(requests: list[SimpleRequest]) -> list[Any]:
         record(requests)
         return [r.args[0] for r in requests]
 
-    @app.task(
-        base=Batches,
-        name="tests.fault_deep",
-        flush_every=100,
-        flush_interval=2,
-        ignore_result=True,
-        shared=False,
-    )
+    @batch(flush_every=100, flush_interval=2, ignore_result=True)
     def fault_deep(requests: list[SimpleRequest]) -> None:
         # tests.big's twin that journals every call, so a deep queue can
         # be checked for calls run twice or never.
         record(requests)
 
-    @app.task(
-        base=Batches,
-        name="tests.fault_soft",
+    @batch(
         flush_every=2,
         flush_interval=0.3,
         soft_time_limit=1,
         time_limit=20,
         per_request_results=True,
-        shared=False,
     )
     def fault_soft(requests: list[SimpleRequest]) -> list[Any]:
         # Sleeps past its soft limit: SoftTimeLimitExceeded is raised in here.
@@ -501,38 +385,24 @@ def create_app(
         time.sleep(max(r.args[0] for r in requests))
         return [r.args[0] for r in requests]
 
-    @app.task(
-        base=Batches,
-        name="tests.fault_long",
-        flush_every=2,
-        flush_interval=0.3,
-        per_request_results=True,
-        shared=False,
-    )
+    @batch(flush_every=2, flush_interval=0.3, per_request_results=True)
     def fault_long(requests: list[SimpleRequest]) -> list[Any]:
         # Runs until its gate file is removed (bounded), to be terminated.
         record(requests)
         wait_at_gate()
         return [r.args[0] for r in requests]
 
-    @app.task(name="tests.fault_plain_late", acks_late=True, shared=False)
+    @plain(acks_late=True)
     def fault_plain_late(value: int) -> int:
         # A plain task whose message stays unacked while it runs: batches
         # acked meanwhile must not ack it with theirs.
-        log.write("plain", value, os.getpid())
+        journal.write(Plain(value=value, pid=os.getpid()))
         wait_at_gate()
         return value
 
     # -- the attack suite's tasks (tests/fault/test_attack.py) ------------
 
-    @app.task(
-        base=Batches,
-        name="tests.attack_drain",
-        flush_every=3,
-        flush_interval=0.5,
-        acks_late=True,
-        shared=False,
-    )
+    @batch(flush_every=3, flush_interval=0.5, acks_late=True)
     def attack_drain(requests: list[SimpleRequest]) -> None:
         # Consumes the list it was given, settling each call as it goes.
         record(requests)
@@ -540,13 +410,7 @@ def create_app(
             request = requests.pop()
             request.mark_as_done(request.args[0])
 
-    @app.task(
-        base=Batches,
-        name="tests.attack_drain_early",
-        flush_every=3,
-        flush_interval=0.5,
-        shared=False,
-    )
+    @batch(flush_every=3, flush_interval=0.5)
     def attack_drain_early(requests: list[SimpleRequest]) -> None:
         # tests.attack_drain with early acks.
         record(requests)
@@ -554,15 +418,7 @@ def create_app(
             request = requests.pop()
             request.mark_as_done(request.args[0])
 
-    @app.task(
-        base=Batches,
-        name="tests.attack_sorted",
-        flush_every=3,
-        flush_interval=2,
-        acks_late=True,
-        per_request_results=True,
-        shared=False,
-    )
+    @batch(flush_every=3, flush_interval=2, acks_late=True, per_request_results=True)
     def attack_sorted(requests: list[SimpleRequest]) -> list[Any]:
         # Sorts the list in place (largest first) and answers in that order;
         # the call of 0 asks to be delivered again, once.
@@ -575,15 +431,7 @@ def create_app(
             for r in requests
         ]
 
-    @app.task(
-        base=Batches,
-        name="tests.attack_retry_all",
-        bind=True,
-        flush_every=3,
-        flush_interval=2,
-        max_retries=3,
-        shared=False,
-    )
+    @batch(bind=True, flush_every=3, flush_interval=2, max_retries=3)
     def attack_retry_all(self: Batches, requests: list[SimpleRequest]) -> None:
         # Retries the whole batch on a call's first run (the documented
         # ``raise self.retry()``), settles each call on its retry.
@@ -597,27 +445,17 @@ def create_app(
         tenant = request.kwargs.get("tenant")
         return TouchyKey(tenant) if request.kwargs.get("touchy") else tenant
 
-    @app.task(
-        base=Batches,
-        name="tests.attack_touchy",
+    @batch(
         flush_every=3,
         flush_interval=0.5,
         batch_key=touchy_key,
         per_request_results=True,
-        shared=False,
     )
     def attack_touchy(requests: list[SimpleRequest]) -> list[Any]:
         record(requests)
         return [r.kwargs["tenant"] for r in requests]
 
-    @app.task(
-        base=Batches,
-        name="tests.attack_retry_odd",
-        flush_every=2,
-        flush_interval=0.5,
-        max_retries=3,
-        shared=False,
-    )
+    @batch(flush_every=2, flush_interval=0.5, max_retries=3)
     def attack_retry_odd(requests: list[SimpleRequest]) -> None:
         # On a call's first run, retries it the way Celery's Task.retry
         # accepts: a reason given as a string, or an ISO 8601 ETA string.
@@ -631,45 +469,9 @@ def create_app(
                 soon = datetime.now(timezone.utc) + timedelta(seconds=0.2)
                 r.retry(eta=soon.isoformat())  # type: ignore[arg-type]
 
-    # -- what the worker tells, recorded so the test process can see it ---
-
-    @batch_flushed.connect(weak=False)
-    def on_flushed(sender: Any, size: int, key: Any, reason: str, **kw: Any) -> None:
-        if sender.app is app:
-            log.write("flush", sender.name, size, reason, key)
-
-    @signals.task_failure.connect(weak=False)
-    def on_failure(
-        sender: Any = None, task_id: str = "", exception: Any = None, **kw: Any
-    ) -> None:
-        if sender is not None and sender.app is app:
-            log.write("failure", task_id, type(exception).__name__)
-
-    @signals.task_revoked.connect(weak=False)
-    def on_revoked(sender: Any = None, request: Any = None, **kw: Any) -> None:
-        if sender is not None and sender.app is app:
-            log.write("revoked", request.id)
-
-    @signals.task_received.connect(weak=False)
-    def on_received(sender: Any = None, request: Any = None, **kw: Any) -> None:
-        if request is not None and request.task.app is app:
-            log.write("received", request.id)
-
-    @signals.task_prerun.connect(weak=False)
-    def on_prerun(sender: Any = None, task_id: str = "", **kw: Any) -> None:
-        if sender is not None and sender.app is app:
-            log.write("prerun", task_id, sender.name)
-
-    @signals.task_postrun.connect(weak=False)
-    def on_postrun(
-        sender: Any = None, task_id: str = "", state: str = "", **kw: Any
-    ) -> None:
-        if sender is not None and sender.app is app:
-            log.write("postrun", task_id, sender.name, state)
-
-    @signals.task_retry.connect(weak=False)
-    def on_retry(sender: Any = None, request: Any = None, **kw: Any) -> None:
-        if sender is not None and sender.app is app:
-            log.write("retry", request.id)
-
-    return app
+    declared = {field.name for field in fields(Tasks)}
+    assert declared == set(made), (
+        f"tasks without a Tasks field: {sorted(set(made) - declared)}; "
+        f"Tasks fields without a task: {sorted(declared - set(made))}"
+    )
+    return Tasks(**made)

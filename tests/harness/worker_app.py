@@ -1,11 +1,16 @@
-"""Entry point of worker subprocesses: ``celery -A tests.worker_app worker``."""
+"""Entry point of worker subprocesses: ``celery -A tests.harness.worker_app worker``.
+
+:func:`tests.harness.worker.start_worker` passes the test app's settings in
+``CB_TEST_*`` environment variables.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 
-from tests.app import Journal, create_app
+from tests.harness.app import create_app
+from tests.harness.journal import AckFrame, Journal
 
 if os.environ.get("CB_TEST_TRACE_ACKS"):
     # Journal every basic.ack frame this worker sends (tag, multiple), to
@@ -19,12 +24,12 @@ if os.environ.get("CB_TEST_TRACE_ACKS"):
     def _traced_ack(
         self: Channel, delivery_tag: int, multiple: bool = False, *args: object
     ) -> object:
-        _frames.write("ackframe", os.getpid(), delivery_tag, int(bool(multiple)))
+        _frames.write(AckFrame(pid=os.getpid(), tag=delivery_tag, multiple=multiple))
         return _basic_ack(self, delivery_tag, multiple, *args)
 
     Channel.basic_ack = _traced_ack
 
-app = create_app(
+app, tasks = create_app(
     broker=os.environ["CB_TEST_BROKER"],
     backend=os.environ["CB_TEST_BACKEND"],
     journal=os.environ["CB_TEST_JOURNAL"],

@@ -1,0 +1,1 @@
+"""An app whose events are recorded by a batch task."""

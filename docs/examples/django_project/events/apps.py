@@ -1,0 +1,9 @@
+"""The events app."""
+
+from __future__ import annotations
+
+from django.apps import AppConfig
+
+
+class EventsConfig(AppConfig):
+    name = "events"
