@@ -12,7 +12,7 @@ from kombu.utils.uuid import uuid
 
 from celery_batches import Batches, SimpleRequest
 from celery_batches.errors import BulkPublishError
-from tests.fault.conftest import RedisServer
+from tests.harness.servers import RedisServer
 
 pytestmark = pytest.mark.fault
 

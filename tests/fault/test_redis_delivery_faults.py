@@ -21,17 +21,10 @@ from kombu.connection import Connection
 from kombu.entity import Exchange, Queue
 from kombu.messaging import Consumer, Producer
 
-from tests.conftest import REDIS_BACKEND, wait_for
-from tests.fault.conftest import (
-    RedisServer,
-    Spawn,
-    kill_worker,
-    redis_urls,
-    require_binary,
-    run_counts,
-    states,
-)
-from tests.servers import RedisSentinel
+from tests.harness.brokers import REDIS_BACKEND, redis_urls, require_binary
+from tests.harness.servers import RedisSentinel, RedisServer
+from tests.harness.wait import wait_for
+from tests.harness.worker import Workers
 
 pytestmark = pytest.mark.fault
 
@@ -52,14 +45,14 @@ def _script_calls(server: RedisServer) -> int:
 
 
 def test_kill_9_with_fetched_calls_runs_each_once_after_the_visibility_timeout(
-    spawn: Spawn, own_redis: RedisServer
+    workers: Workers, own_redis: RedisServer
 ) -> None:
     # given a worker that took 60 calls in batches and holds them, unacked,
     # in its buffer (tests.fault_hold flushes after 3 s)
     db = own_redis.fresh_db()
     urls = redis_urls(own_redis, db)
-    first = spawn("redis", "solo", urls=urls)
-    task = first.app.tasks["tests.fault_hold"]
+    first = workers.start("redis", "solo", urls=urls)
+    task = first.tasks.fault_hold
     before = _script_calls(own_redis)
     results = [task.delay(n) for n in range(60)]
     ids = [r.id for r in results]
@@ -68,10 +61,10 @@ def test_kill_9_with_fetched_calls_runs_each_once_after_the_visibility_timeout(
     assert _script_calls(own_redis) > before
     # when it is killed with SIGKILL before running them, and another worker
     # starts on the queue once their visibility timeout has passed
-    kill_worker(first)
-    assert run_counts(first, ids) == dict.fromkeys(ids, 0)
+    first.kill()
+    assert first.run_counts(ids) == dict.fromkeys(ids, 0)
     time.sleep(VISIBILITY_TIMEOUT + 0.5)
-    second = spawn(
+    second = workers.start(
         "redis",
         "solo",
         urls=urls,
@@ -79,23 +72,23 @@ def test_kill_9_with_fetched_calls_runs_each_once_after_the_visibility_timeout(
         conf={"broker_transport_options": QUICK_RESTORE},
     )
     # then every call comes back and runs, exactly once
-    wait_for(
-        lambda: states(second, ids) == ["SUCCESS"] * 60, timeout=60, what="results"
-    )
+    wait_for(lambda: second.states(ids) == ["SUCCESS"] * 60, timeout=60, what="results")
     assert [r.get(timeout=10) for r in results] == list(range(60))
-    assert run_counts(second, ids) == dict.fromkeys(ids, 1)
+    assert second.run_counts(ids) == dict.fromkeys(ids, 1)
     wait_for(lambda: client.zcard("unacked_index") == 0, what="every call acked")
 
 
 def test_a_key_prefix_keeps_every_key_of_a_worker_under_it(
-    spawn: Spawn, own_redis: RedisServer
+    workers: Workers, own_redis: RedisServer
 ) -> None:
     # given a worker whose transport prefixes every key
     db = own_redis.fresh_db()
     options = {"broker_transport_options": {"global_keyprefix": "cbpfx:"}}
-    worker = spawn("redis", "solo", urls=redis_urls(own_redis, db), conf=options)
+    worker = workers.start(
+        "redis", "solo", urls=redis_urls(own_redis, db), conf=options
+    )
     client = own_redis.client(db)
-    task = worker.app.tasks["tests.fault_hold"]
+    task = worker.tasks.fault_hold
     before = _script_calls(own_redis)
     # when 30 calls are sent and held in its buffer
     results = [task.delay(n) for n in range(30)]
@@ -109,7 +102,7 @@ def test_a_key_prefix_keeps_every_key_of_a_worker_under_it(
 
 
 def test_a_server_refusing_the_script_still_delivers_each_call(
-    spawn: Spawn, own_redis: RedisServer
+    workers: Workers, own_redis: RedisServer
 ) -> None:
     # given a Redis user that may run loaded scripts only (EVALSHA, which
     # Kombu's own locks need, but not EVAL): the batch delivery script is
@@ -127,8 +120,8 @@ def test_a_server_refusing_the_script_still_delivers_each_call(
     )
     url = f"redis://noscript:pw@127.0.0.1:{own_redis.port}/{db}"
     try:
-        worker = spawn("redis", "solo", urls=(url, REDIS_BACKEND))
-        task = worker.app.tasks["tests.collect"]
+        worker = workers.start("redis", "solo", urls=(url, REDIS_BACKEND))
+        task = worker.tasks.collect
         # when calls of a batch task are sent
         results = [task.delay(n, 1) for n in range(12)]
         # then they all run, and the worker says it delivers one message
@@ -192,18 +185,18 @@ def sentinel(own_redis: RedisServer) -> Iterator[RedisSentinel]:
 
 
 def test_a_worker_on_redis_sentinel_delivers_in_batches(
-    spawn: Spawn, own_redis: RedisServer, sentinel: RedisSentinel
+    workers: Workers, own_redis: RedisServer, sentinel: RedisSentinel
 ) -> None:
     # given a worker whose broker is found through Redis Sentinel
     db = own_redis.fresh_db()
     options = {"broker_transport_options": {"master_name": sentinel.master_name}}
-    worker = spawn(
+    worker = workers.start(
         "redis", "solo", urls=(sentinel.url(db), REDIS_BACKEND), conf=options
     )
     before = _script_calls(own_redis)
     # when calls of a batch task and of a plain task are sent
-    collect = worker.app.tasks["tests.collect"]
-    total = worker.app.tasks["tests.total"]
+    collect = worker.tasks.collect
+    total = worker.tasks.total
     batched = [collect.delay(n, n) for n in range(15)]
     plain = [total.delay([n, 1]) for n in range(5)]
     # then all run, with the master's script taking the messages

@@ -20,7 +20,10 @@ from kombu.utils.uuid import uuid
 from celery_batches import Batches, SimpleRequest
 from celery_batches.bulk import apply_many, delay_many
 from celery_batches.errors import BulkPublishError
-from tests.conftest import AMQP_URL, REDIS_URL, Worker, require_server, wait_for
+from tests.harness.brokers import AMQP_URL, REDIS_URL, require_server
+from tests.harness.journal import Run
+from tests.harness.wait import wait_for
+from tests.harness.worker import Worker
 
 BROKER_URLS = {"redis": REDIS_URL, "rabbitmq": AMQP_URL}
 
@@ -457,8 +460,8 @@ def test_bad_calls_and_options_are_refused_before_anything_is_sent(app: Celery) 
 
 def test_a_worker_runs_bulk_calls_of_batch_and_plain_tasks(worker: Worker) -> None:
     # given a worker (each broker and pool) with a batch task and a plain one
-    collect = worker.app.tasks["tests.collect"]
-    total = worker.app.tasks["tests.total"]
+    collect = worker.tasks.collect
+    total = worker.tasks.total
     # when calls of each go in bulk
     batched = collect.delay_many([(n, n) for n in range(12)])
     plain = delay_many(total, [([n, n, n],) for n in range(4)])
@@ -466,7 +469,7 @@ def test_a_worker_runs_bulk_calls_of_batch_and_plain_tasks(worker: Worker) -> No
     assert batched.get(timeout=30) == [2 * n for n in range(12)]
     assert plain.get(timeout=30) == [3 * n for n in range(4)]
     ids = {r.id for r in batched}
-    runs = [i for i in worker.journal.ids("run") if i in ids]
+    runs = [i for i in worker.journal.ids(Run) if i in ids]
     assert sorted(runs) == sorted(ids)
 
 

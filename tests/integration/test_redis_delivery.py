@@ -27,7 +27,7 @@ from kombu.messaging import Consumer, Producer
 from kombu.utils.uuid import uuid
 
 from celery_batches.redis_fetch import FETCH_SCRIPT, fetch_arguments
-from tests.conftest import REDIS_URL, require_server
+from tests.harness.brokers import REDIS_URL, require_server
 
 OURS = "celery_batches.redis_transport:Transport"
 QUEUES = ("qa", "qb", "qc")
