@@ -18,8 +18,9 @@ from kombu.entity import Exchange, Queue
 from kombu.utils.uuid import uuid
 
 from celery_batches import Batches, SimpleRequest
-from celery_batches.bulk import apply_many, delay_many
+from celery_batches.bulk import _observed, apply_many, delay_many
 from celery_batches.errors import BulkPublishError
+from celery_batches.template import Template
 from tests.harness.brokers import AMQP_URL, REDIS_URL, require_server
 from tests.harness.journal import Run
 from tests.harness.wait import wait_for
@@ -508,3 +509,59 @@ def test_redis_refusing_a_write_is_a_refused_call(app: Celery) -> None:
     error = raised.value
     assert (error.published, error.uncertain, error.unpublished) == ([], [], [0, 1, 2])
     assert "WRONGTYPE" in repr(error.__cause__)
+
+
+def test_a_key_prefix_and_a_priority_hold_for_every_templated_call(
+    broker_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not broker_url.startswith("redis"):
+        pytest.skip("Kombu's Redis key prefix")
+    # given an app whose Redis transport prefixes every key, and a record of
+    # the templates bulk publishing learns (from the third call on, each
+    # message is rendered, not built by Celery)
+    prefix = f"cbbulk-{uuid()}:"
+    queue = f"bulk-{uuid()}"
+    app = Celery("bulk-prefix", broker=broker_url, set_as_current=False)
+    app.conf.update(
+        task_default_queue=queue,
+        task_queues=[Queue(queue, Exchange(queue), routing_key=queue, max_priority=10)],
+        broker_transport_options={"global_keyprefix": prefix},
+    )
+    learnt: list[Template | None] = []
+    learn = Template.learn.__func__  # type: ignore[attr-defined]
+
+    def recording(cls: type[Template], /, **kwargs: Any) -> Template | None:
+        template: Template | None = learn(cls, **kwargs)
+        learnt.append(template)
+        return template
+
+    monkeypatch.setattr(Template, "learn", classmethod(recording))
+    client = redis.Redis.from_url(broker_url)
+    try:
+        # when 50 calls go in bulk with a priority, in chunks of 20
+        results = _task(app).apply_many(
+            [((n,), {}) for n in range(50)], priority=7, chunk_size=20
+        )
+        # then every key written for them is under the prefix, and a
+        # consumer with the same prefix takes every call, in order, with
+        # its priority
+        keys = {k.decode() for k in client.scan_iter(match=f"*{queue}*", count=1000)}
+        assert keys and all(k.startswith(prefix) for k in keys), keys
+        with Connection(
+            broker_url, transport_options={"global_keyprefix": prefix}
+        ) as conn:
+            channel = conn.default_channel
+            taken = []
+            while (message := channel.basic_get(queue, no_ack=True)) is not None:
+                taken.append(message)
+        assert [m.headers["id"] for m in taken] == [r.id for r in results]
+        assert {m.properties["priority"] for m in taken} == {7}
+        if not _observed():
+            # (a publish signal receiver left connected by another test
+            # keeps every call on Celery's own path)
+            assert learnt and learnt[0] is not None
+    finally:
+        for key in client.scan_iter(match=f"{prefix}*", count=1000):
+            client.delete(key)
+        client.close()
+        app.close()
