@@ -436,6 +436,14 @@ def _replayer(
     ]
     if len(created) != 1:
         return None
+    # create_task_message(task_id, name, args, kwargs, countdown, eta, ...):
+    # a countdown the caller did not give was worked out from the clock
+    # (send_task does so for an eta on quorum queues, native delayed
+    # delivery, Celery 5.5+); repeated, it would move every later call's
+    # eta, and its routing key, by the time since the first call.
+    countdown = created[0].args[4] if len(created[0].args) > 4 else None
+    if countdown is not None and options.get("countdown") is None:
+        return None
     after = calls[calls.index(created[0]) + 1 :]
     sent = [
         c
