@@ -1,13 +1,15 @@
 """The ceiling: a bare Kombu consumer that decodes and acks each message.
 
 Usage: ``python bare_consumer.py URL QUEUE COUNT JOURNAL TIMEOUT PREFETCH MAX_SECONDS
-[QUEUE_TYPE]``
+[QUEUE_TYPE [ACKS]]``
 
 Drains ``COUNT`` messages from ``QUEUE`` (or as many as it can in
 ``MAX_SECONDS`` after the first one, if not zero), acking each one, and appends a
 ``start end count`` lines to ``JOURNAL`` (the format the Celery workers
 write), then exits. No Celery on the path: only what any consumer of
-the broker must do.
+the broker must do. ``ACKS`` = ``noack`` consumes with ``no_ack`` (the
+broker forgets each message as it sends it): the ceiling of a consumer
+that does no bookkeeping at all.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def main(argv: list[str]) -> int:
     # its consumer gets a per-consumer window (kombu's default), which is
     # what a quorum queue allows.
     queue_type = argv[7] if len(argv) > 7 else ""
+    no_ack = len(argv) > 8 and argv[8] == "noack"
     queue = Queue(
         queue_name,
         Exchange(queue_name, type="direct"),
@@ -49,7 +52,8 @@ def main(argv: list[str]) -> int:
         # The same per-message work as the Celery setups, on the decoded body.
         args = body[0] if isinstance(body, (list, tuple)) else body["args"]
         int(args[0]) * 2 + 1
-        message.ack()
+        if not no_ack:
+            message.ack()
         seen += 1
         last = time.time()
         if seen == 1:
@@ -64,6 +68,7 @@ def main(argv: list[str]) -> int:
             callbacks=[on_message],
             prefetch_count=prefetch,
             accept=["json"],
+            no_ack=no_ack,
         ),
     ):
         while (

@@ -9,7 +9,7 @@ if TYPE_CHECKING:
     from harness import Measurement
     from run import Setup
 
-__all__ = ["chart", "progress", "rows", "table"]
+__all__ = ["chart", "latency_chart", "progress", "rows", "table", "targets"]
 
 RESULTS_BASELINE = {"results-prefork": "ours-prefork", "results-solo": "ours-solo"}
 
@@ -98,6 +98,12 @@ def table(data: dict[str, Any]) -> str:
                 f"{rss['queued_small']:,} queued = {rss['large_mib']:.0f} / "
                 f"{rss['small_mib']:.0f} MiB = {rss['ratio']:.2f} ({verdict})"
             )
+    lines += _publishing_lines(data)
+    lines += _latency_lines(data)
+    lines += ["", "targets (ratios within this run):"]
+    lines += [f"  {'ok  ' if ok else 'MISS'} {text}" for text, ok in targets(data)] or [
+        "  (not measured)"
+    ]
     micro = data.get("microbench")
     if micro:
         lines.append(
@@ -110,6 +116,174 @@ def table(data: dict[str, Any]) -> str:
         lines.append(f"original 0.11: {data['original']}")
     lines += [f"note: {note}" for note in data.get("notes", ())]
     return "\n".join(lines)
+
+
+def _rate(data: dict[str, Any], broker: str, key: str) -> float | None:
+    rate = data["brokers"].get(broker, {}).get("setups", {}).get(key, {}).get("rate")
+    return float(rate) if rate else None
+
+
+def _publish_rate(data: dict[str, Any], broker: str, way: str) -> float | None:
+    rate = data.get("publishing", {}).get(broker, {}).get(way, {}).get("rate")
+    return float(rate) if rate else None
+
+
+def targets(data: dict[str, Any]) -> list[tuple[str, bool]]:
+    """Each target of issue 12 that this run measured: its figures, and met or not."""
+    out: list[tuple[str, bool]] = []
+
+    def ratio(
+        text: str, top: float | None, bottom: float | None, at_least: float
+    ) -> None:
+        if top and bottom:
+            value = top / bottom
+            out.append(
+                (f"{text} = {value:.2f} (target {at_least:g})", value >= at_least)
+            )
+
+    ratio(
+        "redis: ours, solo / original 0.11, prefetch 0, solo",
+        _rate(data, "redis", "ours-solo"),
+        _rate(data, "redis", "original-solo"),
+        5.0,
+    )
+    top, bare = _rate(data, "redis", "ours-solo"), _rate(data, "redis", "bare-noack")
+    if top and bare:
+        out.append(
+            (
+                f"redis: ours, solo / bare consumer without acks = {top / bare:.2f} "
+                "(target above 1)",
+                top > bare,
+            )
+        )
+    ratio(
+        "redis: delay_many / delay() loop",
+        _publish_rate(data, "redis", "delay_many"),
+        _publish_rate(data, "redis", "delay"),
+        8.0,
+    )
+    ratio(
+        "rabbitmq: delay_many / delay() loop",
+        _publish_rate(data, "rabbitmq", "delay_many"),
+        _publish_rate(data, "rabbitmq", "delay"),
+        2.0,
+    )
+    ratio(
+        "rabbitmq: ours, solo / bare consumer without acks",
+        _rate(data, "rabbitmq", "ours-solo"),
+        _rate(data, "rabbitmq", "bare-noack"),
+        0.75,
+    )
+    for key, entry in data.get("latency", {}).items():
+        if key != "ours-solo":
+            continue
+        for row in entry["rows"]:
+            if "p99" in row:
+                out.append(
+                    (
+                        f"latency, {entry['label']}, {row['rate']:,}/s: p99 "
+                        f"{row['p99'] * 1000:.0f} ms (target at most "
+                        f"{row['bound'] * 1000:.0f} ms)",
+                        row["p99"] <= row["bound"] and not row.get("lost"),
+                    )
+                )
+    return out
+
+
+def _publishing_lines(data: dict[str, Any]) -> list[str]:
+    published = data.get("publishing")
+    if not published:
+        return []
+    lines = ["", f"{'publishing':<42} {'broker':<16} {'calls/s':>8} {'x delay':>8}"]
+    for broker, ways in published.items():
+        base = ways.get("delay", {}).get("rate")
+        for way in ways.values():
+            if not way.get("rate"):
+                lines.append(f"{way['label']:<42} {broker:<16} FAILED {way['error']}")
+                continue
+            times = f"{way['rate'] / base:.2f}" if base else "-"
+            lines.append(
+                f"{way['label']:<42} {broker:<16} {way['rate']:>8,.0f} {times:>8}"
+            )
+    return lines
+
+
+def _latency_lines(data: dict[str, Any]) -> list[str]:
+    measured = data.get("latency")
+    if not measured:
+        return []
+    lines = [
+        "",
+        "latency, publish to stored result, redis (flush_every=100, flush_interval=1)",
+        f"{'setup':<42} {'calls/s':>8} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} "
+        f"{'bound ms':>8}",
+    ]
+    for entry in measured.values():
+        for row in entry["rows"]:
+            if "p99" not in row:
+                lines.append(
+                    f"{entry['label']:<42} {row['rate']:>8,} FAILED {row['error']}"
+                )
+                continue
+            lines.append(
+                f"{entry['label']:<42} {row['rate']:>8,} {row['p50'] * 1000:>7.0f} "
+                f"{row['p95'] * 1000:>7.0f} {row['p99'] * 1000:>7.0f} "
+                f"{row['bound'] * 1000:>8.0f}"
+                + (f"  ({row['lost']} lost)" if row.get("lost") else "")
+            )
+    return lines
+
+
+def latency_chart(data: dict[str, Any], path: Path) -> bool:
+    """Draw p50/p95/p99 per offered load and setup, with each bound, to ``path``.
+
+    Returns:
+        ``False`` if matplotlib is not installed, or nothing was measured.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    measured = data.get("latency") or {}
+    entries = [e for e in measured.values() if any("p99" in r for r in e["rows"])]
+    if not entries:
+        return False
+    fig, axes = plt.subplots(
+        1, len(entries), figsize=(5.5 * len(entries), 3.6), squeeze=False, sharey=True
+    )
+    for ax, entry in zip(axes[0], entries):
+        rows = [r for r in entry["rows"] if "p99" in r]
+        positions = list(range(len(rows)))
+        width = 0.25
+        for offset, (name, colour) in enumerate(
+            [("p50", "#a5d6a7"), ("p95", "#4caf50"), ("p99", "#1b5e20")]
+        ):
+            values = [r[name] * 1000 for r in rows]
+            ax.bar([p + (offset - 1) * width for p in positions], values, width,
+                   label=name, color=colour)  # fmt: skip
+        for position, row in zip(positions, rows):
+            ax.hlines(row["bound"] * 1000, position - 0.45, position + 0.45,
+                      colors="#c62828", linestyles="dashed")  # fmt: skip
+        ax.set_xticks(positions)
+        ax.set_xticklabels([f"{r['rate']:,}/s" for r in rows], fontsize=8)
+        ax.set_yscale("log")
+        ax.set_title(entry["label"], fontsize=10)
+        ax.tick_params(axis="y", labelsize=8)
+        ax.legend(fontsize=8, loc="upper right")
+    axes[0][0].set_ylabel("ms, publish to stored result (log)", fontsize=8)
+    fig.suptitle(
+        "Redis, solo, flush_every=100, flush_interval=1; dashed: "
+        "min(flush_interval, flush_every/rate) + 50 ms",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def chart(data: dict[str, Any], path: Path) -> bool:

@@ -2,15 +2,17 @@
 
 Usage::
 
-    python benchmarks/run.py            # full run, a few minutes
+    python benchmarks/run.py            # full run, about 12 minutes
     python benchmarks/run.py --smoke    # ~1,000 messages, one repeat, < 2 min
     python benchmarks/run.py --profile  # where our worker spends its time
 
 Every setup drains the same queue contents: ``--messages`` task messages
 published before the consumer starts. The consumer records when each
-execution started and ended, so worker start-up is not timed. Results go to
-``benchmarks/results/latest.json`` (``smoke.json`` for ``--smoke``) and, with
-matplotlib, to a chart. See ``benchmarks/README.rst``.
+execution started and ended, so worker start-up is not timed. Then, in the
+same run: publishing (a ``delay()`` loop against ``delay_many``, see
+``publishing.py``) and latency at fixed offered loads (``latency.py``).
+Results go to ``benchmarks/results/latest.json`` (``smoke.json`` for
+``--smoke``) and, with matplotlib, to charts. See ``benchmarks/README.rst``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import brokers  # noqa: E402
+import latency  # noqa: E402
+import publishing  # noqa: E402
 import report  # noqa: E402
 from harness import Measurement, run_consumer  # noqa: E402
 
@@ -42,6 +46,7 @@ __all__ = ["SETUPS", "Setup", "main"]
 
 RESULTS = HERE / "results"
 DOCS_CHART = ROOT / "docs" / "_static" / "benchmark.png"
+DOCS_LATENCY_CHART = ROOT / "docs" / "_static" / "latency.png"
 ORIGINAL_VERSION = "0.11"
 TASK_NAME = "bench.work"
 
@@ -64,11 +69,27 @@ class Setup:
     full: bool = True
     #: In the quick ``--smoke`` selection.
     smoke: bool = True
+    #: The bare consumer acks each message (``False``: ``no_ack``).
+    acks: bool = True
+    #: On Redis, ours consumes through celery-batches' transport (batch
+    #: delivery, the default); ``False``: through Kombu's own.
+    redis_delivery: bool = True
+    #: The brokers it runs on (``None``: every one).
+    brokers: tuple[str, ...] | None = None
 
 
 SETUPS = [
     Setup("bare", "bare kombu consumer (prefetch 100)", "bare"),
+    Setup("bare-noack", "bare kombu consumer, no acks", "bare", acks=False),
     Setup("ours-solo", "ours, solo", "ours", "solo"),
+    Setup(
+        "ours-solo-kombu",
+        "ours, solo, Kombu's Redis delivery",
+        "ours",
+        "solo",
+        redis_delivery=False,
+        brokers=("redis",),
+    ),
     Setup("ours-prefork", "ours, prefork -c 2", "ours", "prefork"),
     Setup(
         "plain-solo",
@@ -98,6 +119,15 @@ SETUPS = [
         "ours",
         "prefork",
         results=True,
+    ),
+    Setup(
+        "results-solo",
+        "ours + per-request results, solo",
+        "ours",
+        "solo",
+        results=True,
+        # What the latency rows run (and why 5,000 calls/s is a lot for them).
+        brokers=("redis",),
     ),
 ]
 
@@ -226,7 +256,7 @@ def run_once(
             cmd = [
                 sys.executable, "bare_consumer.py", url, queue, str(count),
                 str(journal), str(timeout), "100", str(ctx.max_seconds),
-                queue_type or "",
+                queue_type or "", "ack" if setup.acks else "noack",
             ]  # fmt: skip
             return run_consumer(
                 cmd, env=_env_with_path(HERE), journal=journal, log=log,
@@ -248,6 +278,8 @@ def run_once(
         if setup.impl == "original":
             # What the original's README recommends: no prefetch limit.
             env["BENCH_PREFETCH"] = "0"
+        if not setup.redis_delivery:
+            env["BENCH_REDIS_DELIVERY"] = "0"
         if setup.results:
             env["BENCH_BACKEND"] = brokers.redis_backend_url()
             env["BENCH_RESULTS"] = "1"
@@ -270,6 +302,27 @@ def run_once(
 
 
 # -- the whole benchmark --------------------------------------------------------
+
+
+def _latency(ctx: Context) -> dict[str, Any]:
+    """Latency rows on Redis: ours with batch delivery, and with Kombu's."""
+    url = brokers.BROKERS["redis"]
+    solo = next(s for s in SETUPS if s.key == "ours-solo")
+    return latency.run_latency(
+        [
+            ("ours-solo", "ours, solo", {}),
+            (
+                "ours-solo-kombu",
+                "ours, solo, Kombu's Redis delivery",
+                {"BENCH_REDIS_DELIVERY": "0"},
+            ),
+        ],
+        url=url,
+        worker_cmd=lambda queue, log: _worker_cmd(solo, queue, log),
+        env_for=lambda extra: {**_env_with_path(ctx.ours_dir), **extra},
+        work_dir=ctx.work_dir,
+        say=_say,
+    )
 
 
 def _revision() -> str:
@@ -389,6 +442,13 @@ def main(argv: list[str] | None = None) -> int:
         "--budget", type=float, help="seconds after which remaining runs are skipped"
     )
     parser.add_argument("--skip-micro", action="store_true", help="no microbenchmark")
+    parser.add_argument(
+        "--skip-publishing", action="store_true", help="no delay() / delay_many rows"
+    )
+    parser.add_argument(
+        "--latency", choices=["on", "off", "auto"], default="auto",
+        help="latency at fixed offered loads (auto: in a full run, not --smoke)",
+    )  # fmt: skip
     parser.add_argument("--chart", type=Path, help="where to write the PNG chart")
     parser.add_argument(
         "--output", type=Path,
@@ -496,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
         for round_ in range(repeat):
             for broker in live:
                 for setup in setups:
+                    if setup.brokers is not None and broker not in setup.brokers:
+                        continue
                     if time.monotonic() > budget_end:
                         break
                     result = run_safely(ctx, broker, setup)
@@ -505,7 +567,8 @@ def main(argv: list[str] | None = None) -> int:
             (b, s.key)
             for b in live
             for s in setups
-            if len(runs.get((b, s.key), ())) < repeat
+            if (s.brokers is None or b in s.brokers)
+            and len(runs.get((b, s.key), ())) < repeat
         ]
         if skipped:
             data["notes"].append(f"time budget of {budget:.0f}s hit; short: {skipped}")
@@ -539,9 +602,26 @@ def main(argv: list[str] | None = None) -> int:
                         "ratio": large_mib / small["peak_rss_mib"],
                     }
 
+        # This process imports the snapshot from here on (publishing,
+        # latency's publisher, the microbenchmark).
+        sys.path.insert(0, str(ours))
+        if not args.skip_publishing:
+            data["publishing"] = publishing.run_publishing(
+                [b for b in live if b in ("redis", "rabbitmq")],
+                repeat=repeat,
+                calls=(
+                    {"delay": 300, "delay_many": 2000}
+                    if smoke
+                    else {"delay": 3000, "delay_many": 20_000}
+                ),
+                say=_say,
+            )
+        run_latency = args.latency == "on" or (args.latency == "auto" and not smoke)
+        if run_latency and "redis" in live:
+            data["latency"] = _latency(ctx)
+
         # (f) the strategy microbenchmark, in this process, on the snapshot.
         if not args.skip_micro and time.monotonic() < budget_end + 60:
-            sys.path.insert(0, str(ours))
             from microbench import run_microbench
 
             data["microbench"] = run_microbench(
@@ -560,6 +640,9 @@ def main(argv: list[str] | None = None) -> int:
         chart = RESULTS / "benchmark-smoke.png" if smoke else DOCS_CHART
     if report.chart(data, chart):
         _say(f"wrote {chart}")
+    latency_chart = RESULTS / "latency-smoke.png" if smoke else DOCS_LATENCY_CHART
+    if data.get("latency") and report.latency_chart(data, latency_chart):
+        _say(f"wrote {latency_chart}")
     return 0
 
 

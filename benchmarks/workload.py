@@ -44,6 +44,9 @@ if _env("BENCH_QUEUE_TYPE"):
 if _env("BENCH_BACKEND"):
     app.conf.result_backend = _env("BENCH_BACKEND")
     app.conf.result_expires = 600
+if _env("BENCH_REDIS_DELIVERY") == "0":
+    # Ours, but consuming through Kombu's own Redis transport.
+    app.conf.batches_redis_delivery = False
 if _env("BENCH_PREFETCH"):
     # Only the original package's runs set this; the others keep Celery's
     # default multiplier of 4.

@@ -4,7 +4,8 @@
 
     BatchesError
     ├── InvalidBatchSetting        (also a ValueError)
-    └── ResultShapeError           (also a TypeError and a ValueError)
+    ├── ResultShapeError           (also a TypeError and a ValueError)
+    └── BulkPublishError           (apply_many could not publish every call)
 
     celery.exceptions.Retry
     └── BatchRetry                 (what self.retry() raises in a batch body)
@@ -21,7 +22,13 @@ from typing import Any
 
 from celery.exceptions import Retry
 
-__all__ = ["BatchRetry", "BatchesError", "InvalidBatchSetting", "ResultShapeError"]
+__all__ = [
+    "BatchRetry",
+    "BatchesError",
+    "BulkPublishError",
+    "InvalidBatchSetting",
+    "ResultShapeError",
+]
 
 
 class BatchesError(Exception):
@@ -57,6 +64,70 @@ class ResultShapeError(BatchesError, TypeError, ValueError):
     a ``ValueError`` (a sequence of the wrong length), as earlier releases
     raised one or the other.
     """
+
+
+class BulkPublishError(BatchesError):
+    """:func:`~celery_batches.bulk.apply_many` stopped before every call was published.
+
+    Says which calls reached the broker, by their position in ``calls``
+    (``0`` is the first), so that exactly the others can be sent again::
+
+        try:
+            task.apply_many(calls)
+        except BulkPublishError as exc:
+            task.apply_many([calls[i] for i in exc.unpublished])
+
+    The error that stopped it is the ``__cause__``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        results: list[Any],
+        published: list[int],
+        uncertain: list[int],
+        unpublished: list[int],
+    ) -> None:
+        super().__init__(message)
+        #: One :class:`~celery.result.AsyncResult` per call, in call order.
+        self.results = results
+        #: Positions of the calls the broker has.
+        self.published = published
+        #: Positions of the calls that may or may not have reached it: the
+        #: connection broke while they were being written.
+        self.uncertain = uncertain
+        #: Positions of the calls that were never sent, or that the broker
+        #: refused.
+        self.unpublished = unpublished
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            _rebuild_bulk_error,
+            (
+                str(self),
+                [getattr(r, "id", r) for r in self.results],
+                self.published,
+                self.uncertain,
+                self.unpublished,
+            ),
+        )
+
+
+def _rebuild_bulk_error(
+    message: str,
+    results: list[Any],
+    published: list[int],
+    uncertain: list[int],
+    unpublished: list[int],
+) -> BulkPublishError:
+    return BulkPublishError(
+        message,
+        results=results,
+        published=published,
+        uncertain=uncertain,
+        unpublished=unpublished,
+    )
 
 
 class BatchRetry(Retry):  # type: ignore[misc]

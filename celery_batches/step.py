@@ -19,6 +19,7 @@ from ._compat import (
 from .acks import install_group_acks
 from .collector import collectors_of
 from .control import batches as _register_inspect_batches  # noqa: F401
+from .delivery import deliver_in_batches
 from .dispatch import inline_pool, uses_processes
 
 if TYPE_CHECKING:
@@ -109,6 +110,9 @@ class BatchesStep(bootsteps.StartStopStep):  # type: ignore[misc]
     def __init__(self, c: Consumer, **kwargs: Any) -> None:
         super().__init__(c, **kwargs)
         self._tick: Any = None
+        # Steps are made with the consumer, before its first connection:
+        # on Redis, that connection delivers many messages per round trip.
+        deliver_in_batches(c)
 
     def start(self, c: Consumer) -> None:
         # Runs after the Tasks step made the task consumer and before the

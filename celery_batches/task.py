@@ -9,6 +9,7 @@ from celery import Task
 from celery.exceptions import Retry
 from kombu.utils.uuid import uuid
 
+from . import bulk
 from .dispatch import dispatch_batch
 from .eager import eager_request, eager_result
 from .errors import BatchRetry
@@ -19,8 +20,10 @@ from .strategy import batches_strategy
 from .trace import retry_running_batch, run_batch
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping, Sequence
+
     from celery import Celery
-    from celery.result import EagerResult
+    from celery.result import EagerResult, ResultSet
     from celery.worker.consumer import Consumer
     from celery.worker.request import Request
 
@@ -147,6 +150,37 @@ class Batches(Task):  # type: ignore[misc]
         # Celery's Task.retry(throw=False) sends the retry all the same.
         retry_running_batch(self, exc, retry.options)
         return retry
+
+    def delay_many(self, calls: Iterable[Sequence[Any]]) -> ResultSet:
+        """Send ``self.delay(*args)`` for each ``args`` in ``calls``, together.
+
+        ``task.delay_many([(1,), (2,)])`` sends what ``task.delay(1)`` and
+        ``task.delay(2)`` send, in one round trip to the broker per
+        thousand calls. See :func:`celery_batches.bulk.apply_many`.
+
+        Returns:
+            A :class:`~celery.result.ResultSet`: one
+            :class:`~celery.result.AsyncResult` per call, in call order.
+        """
+        return bulk.delay_many(self, calls)
+
+    def apply_many(
+        self,
+        calls: Iterable[tuple[Sequence[Any] | None, Mapping[str, Any] | None]],
+        **options: Any,
+    ) -> ResultSet:
+        """Send ``self.apply_async(args, kwargs, **options)`` per call, together.
+
+        ``calls`` holds one ``(args, kwargs)`` pair per call; ``options``
+        are ``apply_async``'s (``countdown``, ``priority``, ``queue``, ...)
+        and apply to every call, plus ``task_ids`` and ``chunk_size``. See
+        :func:`celery_batches.bulk.apply_many`.
+
+        Returns:
+            A :class:`~celery.result.ResultSet`: one
+            :class:`~celery.result.AsyncResult` per call, in call order.
+        """
+        return bulk.apply_many(self, calls, **options)
 
     def apply(
         self,

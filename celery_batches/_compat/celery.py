@@ -8,7 +8,11 @@ quietly. See the table in :mod:`celery_batches._compat`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from celery._state import _task_stack
 from celery.worker import state as worker_state
@@ -18,11 +22,13 @@ if TYPE_CHECKING:
     from celery.worker.request import Request
 
 __all__ = [
+    "MessageCall",
     "acks_plainly",
     "current_task_stack",
     "message_options",
     "needs_revoke_check",
     "per_consumer_qos",
+    "recording_task_messages",
     "request_context",
     "request_context_or_none",
 ]
@@ -138,3 +144,61 @@ def acks_plainly(request: Request) -> bool:
         return on_ack._svpending is None and not on_ack._lvpending
     except AttributeError:
         return False
+
+
+class MessageCall(NamedTuple):
+    """One call ``send_task`` made to ``app.amqp``, as it was made."""
+
+    #: ``"create_task_message"`` or ``"send_task_message"``.
+    what: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+_recording: ContextVar[list[MessageCall] | None] = ContextVar(
+    "celery_batches_recording", default=None
+)
+_install_lock = threading.Lock()
+_RECORDED = ("create_task_message", "send_task_message")
+
+
+def _recorder(what: str, original: Callable[..., Any]) -> Callable[..., Any]:
+    def record(*args: Any, **kwargs: Any) -> Any:
+        calls = _recording.get()
+        if calls is not None:
+            calls.append(MessageCall(what, args, dict(kwargs)))
+        return original(*args, **kwargs)
+
+    record.__wrapped__ = original  # type: ignore[attr-defined]
+    record._celery_batches_recorder = True  # type: ignore[attr-defined]
+    return record
+
+
+@contextmanager
+def recording_task_messages(amqp: Any) -> Iterator[list[MessageCall]]:
+    """Record, in this context only, what ``send_task`` asks of ``amqp``.
+
+    ``Celery.send_task`` (5.2-5.7) builds a message with
+    ``amqp.create_task_message(task_id, name, args, kwargs, ...)`` and hands
+    it to ``amqp.send_task_message(producer, name, message, **options)``;
+    both are public attributes of Celery's ``AMQP``, cached per app. Each is
+    wrapped once, in place, by a function that records its arguments while
+    a context of this function runs (a ``ContextVar``: other threads and
+    tasks are not recorded) and otherwise only calls through. Yields the
+    list the calls are appended to; the wrapped originals stay reachable as
+    ``amqp.<name>.__wrapped__``. Fails safe: if Celery stops making these
+    calls, nothing is recorded and the caller sees an empty list.
+    """
+    with _install_lock:
+        for name in _RECORDED:
+            current = getattr(amqp, name)
+            if not getattr(current, "_celery_batches_recorder", False):
+                # kombu's cached_property stores what is set in the
+                # instance's cache, where the next lookup finds it.
+                setattr(amqp, name, _recorder(name, current))
+    calls: list[MessageCall] = []
+    token = _recording.set(calls)
+    try:
+        yield calls
+    finally:
+        _recording.reset(token)

@@ -6,11 +6,14 @@ in :mod:`celery_batches._compat`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Callable
 
 from celery.utils.log import get_logger
 
 __all__ = [
+    "amqp_publishes_held",
     "cancel_timer_entry",
     "narrow_prefetch",
     "redis_channel_class",
@@ -19,6 +22,7 @@ __all__ = [
     "redis_remove_from_unacked",
     "survive_collected_redis_transport",
     "ticks_after_ready_callbacks",
+    "transport_created",
     "wake_hub_with_pending_callbacks",
 ]
 
@@ -186,23 +190,32 @@ def redis_channel_class() -> Any:
 def redis_group_ackable(channel: Any) -> bool:
     """Return ``True`` if ``channel``'s unacked bookkeeping can be pipelined.
 
-    Kombu's Redis ``QoS`` has had ``_remove_from_indices`` (private) and
-    ``pipe_or_acquire`` since 4.x (checked on 5.2-5.7). Fails safe: without
-    them, a batch keeps Celery's own acks.
+    Kombu's Redis ``QoS`` has had ``pipe_or_acquire``, ``unacked_key`` and
+    ``unacked_index_key`` since 4.x (checked on 5.2-5.7). Fails safe:
+    without them, a batch keeps Celery's own acks.
     """
     qos = channel.qos
-    return hasattr(qos, "_remove_from_indices") and hasattr(qos, "pipe_or_acquire")
+    return all(
+        hasattr(qos, name)
+        for name in ("pipe_or_acquire", "unacked_key", "unacked_index_key")
+    )
 
 
 def redis_remove_from_unacked(qos: Any, delivery_tags: list[Any]) -> None:
     """Remove ``delivery_tags`` from the transport's unacked index in one pipeline.
 
-    What Kombu's Redis ``QoS.ack`` sends for one message, for many: one
-    round trip instead of one each.
+    What Kombu's Redis ``QoS.ack`` sends for one message (``ZREM`` from the
+    index, ``HDEL`` from the hash, in a transaction), for many: one round
+    trip instead of one each, and two commands naming every tag instead of
+    two per tag, which the client would otherwise encode and read back one
+    by one. ``unacked_key`` and ``unacked_index_key`` are the QoS's public
+    names of Kombu's keys (a ``global_keyprefix`` is added by its client).
     """
+    if not delivery_tags:
+        return
     with qos.pipe_or_acquire() as pipe:
-        for tag in delivery_tags:
-            qos._remove_from_indices(tag, pipe)
+        pipe.zrem(qos.unacked_index_key, *delivery_tags)
+        pipe.hdel(qos.unacked_key, *delivery_tags)
         pipe.execute()
 
 
@@ -216,3 +229,88 @@ def redis_forget_delivered(qos: Any, delivery_tag: Any) -> None:
     from kombu.transport.virtual.base import QoS as VirtualQoS
 
     VirtualQoS.ack(qos, delivery_tag)  # type: ignore[no-untyped-call]
+
+
+@contextmanager
+def amqp_publishes_held(
+    channel: Any, connection: Any, on_early_write: Callable[[], None]
+) -> Iterator[tuple[Callable[[], None], Callable[[], None]] | None]:
+    """Hold the frames of ``channel.basic_publish`` on py-amqp until flushed.
+
+    Yields ``flush`` and ``discard``: ``flush()`` writes every held frame in
+    one ``sendall`` (raising what the socket raises), ``discard()`` forgets
+    them. Any other write on the connection (a declare, which then waits
+    for its reply) first writes what is held, so frames keep their order
+    and nothing waits on a frame not sent; ``on_early_write()`` is called
+    when that happens. Yields ``None`` where frames
+    cannot be held: not py-amqp, or publisher confirms on (Kombu's
+    ``confirm_publish`` waits for the broker inside ``basic_publish``).
+
+    py-amqp writes each frame through its transport's ``_write`` (private,
+    an instance attribute set when the socket connects, 5.0 to 5.3; a
+    method of the SSL transport), from one buffer it reuses: what is held
+    is a copy. Both ``_write`` and the channel's ``basic_publish`` are
+    replaced on these instances for the duration, and put back after.
+    """
+    transport = getattr(getattr(connection, "connection", None), "transport", None)
+    if (
+        transport is None
+        or not callable(getattr(transport, "_write", None))
+        or connection.transport_options.get("confirm_publish")
+        or not callable(getattr(channel, "basic_publish", None))
+    ):
+        yield None
+        return
+    own_write = "_write" in vars(transport)
+    write = transport._write
+    publish = channel.basic_publish
+    held: list[bytes] = []
+    publishing = [False]
+
+    def flush() -> None:
+        if held:
+            data = b"".join(held)
+            held.clear()
+            # Through py-amqp's own write, which marks the transport as
+            # disconnected when the socket fails.
+            transport.write(data)
+
+    def hold_or_write(data: Any) -> None:
+        if publishing[0]:
+            held.append(bytes(data))
+            return
+        if held:
+            pending = b"".join(held)
+            held.clear()
+            write(pending)
+            on_early_write()
+        write(data)
+
+    def held_publish(*args: Any, **kwargs: Any) -> Any:
+        publishing[0] = True
+        try:
+            return publish(*args, **kwargs)
+        finally:
+            publishing[0] = False
+
+    transport._write = hold_or_write
+    channel.basic_publish = held_publish
+    try:
+        yield flush, held.clear
+    finally:
+        if own_write:
+            transport._write = write
+        else:
+            del transport._write
+        del channel.basic_publish
+
+
+def transport_created(connection: Any) -> bool:
+    """Return ``True`` once ``connection`` made its transport object.
+
+    Kombu's ``Connection.transport`` makes it on first use and keeps it in
+    ``_transport`` (private, 5.2-5.7); until then ``transport_cls`` may
+    still be changed. Fails safe: without the attribute, the transport
+    counts as made and is left alone.
+    """
+    return getattr(connection, "_transport", True) is not None

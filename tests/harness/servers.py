@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
@@ -30,6 +31,7 @@ __all__ = [
     "SERVER_START_TIMEOUT",
     "MissingBinary",
     "RabbitNode",
+    "RedisSentinel",
     "RedisServer",
     "ServerError",
     "find_binary",
@@ -183,6 +185,74 @@ class RedisServer:
         """Shut the server down with its data saved, and start it again."""
         self.stop(save=True)
         self.start()
+
+
+class RedisSentinel:
+    """A ``redis-sentinel`` of our own, watching one :class:`RedisServer`.
+
+    It names that server's master ``master_name``; a ``sentinel://`` broker
+    URL on :attr:`port` finds the master through it.
+    """
+
+    def __init__(
+        self, directory: Path, server: RedisServer, master_name: str = "cbmaster"
+    ) -> None:
+        self.binary = find_binary("redis-sentinel")
+        self.directory = directory
+        self.server = server
+        self.master_name = master_name
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def url(self, db: int = 0) -> str:
+        return f"sentinel://127.0.0.1:{self.port}/{db}"
+
+    def _answers(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            log = (self.directory / "sentinel.log").read_text(errors="replace")
+            raise ServerError(f"redis-sentinel exited:\n{log[-2000:]}")
+        client = redis.Redis(
+            port=self.port, socket_timeout=2, retry=Retry(NoBackoff(), 0)
+        )
+        try:
+            master: Any = client.sentinel_get_master_addr_by_name(self.master_name)
+        except redis.ConnectionError:
+            return False
+        finally:
+            client.close()
+        return master is not None and int(master[1]) == self.server.port
+
+    def start(self) -> None:
+        # A sentinel rewrites its configuration file: it gets one of its own.
+        config = self.directory / "sentinel.conf"
+        config.write_text(
+            f"port {self.port}\n"
+            "bind 127.0.0.1\n"
+            f"dir {self.directory}\n"
+            f"logfile {self.directory / 'sentinel.log'}\n"
+            f"sentinel monitor {self.master_name} 127.0.0.1 {self.server.port} 1\n"
+            f"sentinel down-after-milliseconds {self.master_name} 60000\n"
+        )
+        self.process = subprocess.Popen(
+            [self.binary, str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        _wait_for(
+            self._answers, timeout=SERVER_START_TIMEOUT, what="own redis-sentinel"
+        )
+
+    def stop(self) -> None:
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
 
 
 class RabbitNode:

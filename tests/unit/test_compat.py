@@ -139,8 +139,12 @@ def test_canary_kombu_redis_qos_bookkeeping() -> None:
     from kombu.transport.redis import QoS as RedisQoS
     from kombu.transport.virtual.base import QoS as VirtualQoS
 
-    for name in ("_remove_from_indices", "pipe_or_acquire", "restore_unacked"):
+    for name in ("pipe_or_acquire", "restore_unacked"):
         assert callable(getattr(RedisQoS, name)), name
+    # redis_remove_from_unacked names the keys Kombu's QoS removes a tag from
+    source = inspect_source(RedisQoS._remove_from_indices)
+    assert "zrem(self.unacked_index_key, delivery_tag)" in source
+    assert "hdel(self.unacked_key, delivery_tag)" in source
     assert callable(VirtualQoS.ack)
 
 
@@ -167,3 +171,53 @@ def inspect_source(function: object) -> str:
     import inspect
 
     return inspect.getsource(function)  # type: ignore[arg-type]
+
+
+def test_canary_celery_send_task_asks_amqp_for_message_and_send() -> None:
+    # recording_task_messages relies on send_task calling
+    # create_task_message(task_id, name, args, kwargs, ...) and then
+    # send_task_message(producer, name, message, **options) on app.amqp
+    from celery_batches._compat import recording_task_messages
+
+    app = Celery("canary", broker="memory://", set_as_current=False)
+
+    @app.task(shared=False)
+    def add(x: int, y: int = 0) -> int:
+        return x + y
+
+    with app.producer_or_acquire() as producer:
+        with recording_task_messages(app.amqp) as calls:
+            add.apply_async((1,), {"y": 2}, task_id="canary-id", producer=producer)
+        created, sent = calls
+        assert created.what == "create_task_message"
+        assert created.args[:4] == ("canary-id", add.name, (1,), {"y": 2})
+        assert sent.what == "send_task_message"
+        assert sent.args[0] is producer and sent.args[1] == add.name
+    # and outside the context nothing is recorded
+    add.apply_async((3,))
+    assert len(calls) == 2
+    app.close()
+
+
+def test_canary_py_amqp_writes_through_the_transports_write() -> None:
+    # amqp_publishes_held swaps the transport's _write, which py-amqp sets
+    # to the socket's sendall when it connects and calls for every frame
+    from amqp import method_framing, transport
+
+    assert "self._write = self.sock.sendall" in inspect_source(
+        transport.TCPTransport._setup_transport
+    )
+    assert "self._write(s)" in inspect_source(transport._AbstractTransport.write)
+    assert "write = transport.write" in inspect_source(method_framing.frame_writer)
+
+
+def test_canary_kombu_connection_makes_its_transport_lazily() -> None:
+    from kombu.connection import Connection
+
+    from celery_batches._compat import transport_created
+
+    connection = Connection("memory://")
+    assert connection._transport is None and not transport_created(connection)
+    connection.transport  # noqa: B018
+    assert transport_created(connection)
+    connection.release()
