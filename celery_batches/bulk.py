@@ -377,6 +377,9 @@ class _Replay:
         # The first call declared the queue on this connection and no I/O
         # happens while messages are held: neither needs doing per call.
         send_kwargs["declare"] = []
+        # No retry on a lost connection: a chunk is sent as one write, so a
+        # retry could send again calls the broker took. BulkPublishError
+        # says which calls were sent, may have been, and were not.
         send_kwargs["retry"] = False
         self.send_kwargs = send_kwargs
         #: ``ignore_result`` as send_task worked it out for every call.

@@ -25,7 +25,7 @@ from kombu import pools
 from kombu.utils.json import dumps
 
 from ._compat import amqp_publishes_held
-from .delivery import use_batch_transport
+from .delivery import batch_delivery_enabled, use_batch_transport
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -264,12 +264,14 @@ def bulk_publisher(app: Celery) -> Iterator[BulkPublisher]:
     """Yield a :class:`BulkPublisher` on ``app``'s broker.
 
     On Redis the connection comes from Kombu's pool of connections of
-    celery-batches' transport (sized like Celery's, ``broker_pool_limit``);
-    otherwise the producer comes from Celery's producer pool, as for
-    ``apply_async``.
+    celery-batches' transport (sized like Celery's, ``broker_pool_limit``),
+    unless ``batches_redis_delivery`` is ``False``; otherwise the producer
+    comes from Celery's producer pool, as for ``apply_async``.
     """
     connection = app.connection_for_write()
-    if use_batch_transport(connection):
+    # batches_redis_delivery = False keeps Kombu's own Redis transport for
+    # publishing too: one LPUSH per call, as apply_async sends.
+    if batch_delivery_enabled(app.conf) and use_batch_transport(connection):
         with _redis_publisher(app, connection) as publisher:
             yield publisher
         return

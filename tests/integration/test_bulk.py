@@ -412,6 +412,29 @@ def test_one_round_trip_per_chunk(app: Celery) -> None:
     assert len(_drain(app, expect=2570)) == 2570
 
 
+def test_without_batch_delivery_redis_publishes_one_call_per_round_trip(
+    app: Celery,
+) -> None:
+    if not app.conf.broker_url.startswith("redis"):
+        pytest.skip("a setting of celery-batches' Redis transport")
+
+    # given apps that turned batch delivery off
+    def bulk(calls: int) -> _Traffic:
+        fresh = _fresh(app)
+        fresh.conf.batches_redis_delivery = False
+        with _traffic() as traffic:
+            _task(fresh).apply_many([((n,), {}) for n in range(calls)], chunk_size=500)
+        fresh.close()
+        return traffic
+
+    # when 10 and then 60 calls go through apply_many
+    few, many = bulk(10), bulk(60)
+    # then they went through Kombu's own transport, a round trip per call,
+    # as apply_async sends them, and every call arrived
+    assert many.round_trips - few.round_trips >= 45
+    assert len(_drain(app, expect=70)) == 70
+
+
 # -- errors ----------------------------------------------------------------
 
 
