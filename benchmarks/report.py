@@ -279,11 +279,16 @@ def latency_chart(data: dict[str, Any], path: Path) -> bool:
         "min(flush_interval, flush_every/rate) + 50 ms",
         fontsize=9,
     )
+    _save(plt, fig, path)
+    return True
+
+
+def _save(plt: Any, fig: Any, path: Path) -> None:
+    """Write ``fig`` to ``path`` as every chart of the report is written."""
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return True
 
 
 def chart(data: dict[str, Any], path: Path) -> bool:
@@ -340,10 +345,7 @@ def chart(data: dict[str, Any], path: Path) -> bool:
         f"celery-batches {data.get('revision', '?')}",
         fontsize=9,
     )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return True
 
 
