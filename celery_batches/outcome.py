@@ -165,22 +165,26 @@ class BatchOutcomes:
         :meth:`store`.
         """
         task = self.task
-        ctx = request.context
         app = task.app
         # Celery's tracer sends callbacks and the next chain step before it
         # stores the result; keep that order so a reader of the result never
         # sees SUCCESS before the chain moved on.
-        callbacks = ctx.callbacks
+        callbacks = request._context_value("callbacks")
         if callbacks:
             for callback in callbacks:
                 app.signature(callback).apply_async(
-                    (result,), parent_id=request.id, root_id=ctx.root_id
+                    (result,),
+                    parent_id=request.id,
+                    root_id=request._context_value("root_id"),
                 )
-        chain = ctx.chain
+        chain = request._context_value("chain")
         if chain:
             next_step = app.signature(chain[-1])
             next_step.apply_async(
-                (result,), chain=chain[:-1], parent_id=request.id, root_id=ctx.root_id
+                (result,),
+                chain=chain[:-1],
+                parent_id=request.id,
+                root_id=request._context_value("root_id"),
             )
         writer = self._writer
         if writer is not None and writer.accepts(request):
@@ -191,7 +195,7 @@ class BatchOutcomes:
         task.backend.mark_as_done(
             request.id,
             result,
-            request=ctx,
+            request=request.context,
             store_result=self.store_results and not request.ignore_result,
         )
         return False

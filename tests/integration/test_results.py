@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 from celery import Celery, states
 from kombu.utils.uuid import uuid
 
-from celery_batches import Batches, SimpleRequest
+from celery_batches import Batches, SimpleRequest, results
 from celery_batches.eager import eager_request
 from celery_batches.trace import run_batch
 from tests.harness.brokers import REDIS_BACKEND, require_server
@@ -29,29 +31,98 @@ def _commands(app: Celery) -> dict[str, int]:
     return {name: int(value["calls"]) for name, value in stats.items()}
 
 
-def test_a_batch_stores_every_result_without_a_read_per_request(app: Celery) -> None:
+def _delta(before: dict[str, int], after: dict[str, int], name: str) -> int:
+    return after.get(f"cmdstat_{name}", 0) - before.get(f"cmdstat_{name}", 0)
+
+
+@pytest.mark.parametrize("slice_size", [1000, 7])
+def test_a_batch_stores_every_result_in_one_round_trip(
+    app: Celery, slice_size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(results, "SCRIPT_SLICE", slice_size)
+
     @app.task(base=Batches, per_request_results=True, shared=False)
     def double(requests: list[SimpleRequest]) -> list[int]:
         return [r.args[0] * 2 for r in requests]
 
     # given a batch of 50 calls, one of which already has a SUCCESS result
-    # (a redelivered message whose first run completed)
+    # (a redelivered message whose first run completed) and one a STARTED
+    # state (task_track_started), and the server knows our script
     ids = [uuid() for _ in range(50)]
     app.backend.mark_as_done(ids[0], "first run")
+    app.backend.store_result(ids[1], None, states.STARTED)
+    app.backend.client.script_load(results.STORE_SCRIPT)
     requests = [eager_request(double, i, (n,), {}, {}) for n, i in enumerate(ids)]
     before = _commands(app)
     # when the batch runs
     run_batch(double, requests)
     after = _commands(app)
-    # then every result is stored, the earlier SUCCESS is kept, and the
-    # backend was read once for the whole batch, not once per request
+    # then every result is stored, the earlier SUCCESS is kept, the
+    # STARTED state is written over, each with its expiry ...
     assert app.AsyncResult(ids[0]).get(timeout=5) == "first run"
     assert [app.AsyncResult(i).get(timeout=5) for i in ids[1:]] == [
         n * 2 for n in range(1, 50)
     ]
-    assert after.get("cmdstat_mget", 0) - before.get("cmdstat_mget", 0) == 1
-    assert after.get("cmdstat_get", 0) - before.get("cmdstat_get", 0) == 0
     assert app.backend.client.ttl(app.backend.get_key_for_task(ids[1])) > 0
+    assert app.backend.client.ttl(app.backend.get_key_for_task(ids[2])) > 0
+    # ... by one script call per slice, and one more for the STARTED one,
+    # with nothing sent per request (the script's own SETs and PUBLISHes
+    # are counted by the server too: one of each per stored result)
+    slices = -(-50 // slice_size)
+    assert _delta(before, after, "evalsha") == slices + 1
+    assert _delta(before, after, "set") == 49
+    assert _delta(before, after, "publish") == 49
+    for command in ("mget", "setex", "eval"):
+        assert _delta(before, after, command) == 0
+
+
+def test_a_server_that_refuses_scripts_gets_a_pipeline(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # given a Redis user not permitted to run scripts
+    require_server(REDIS_BACKEND)
+    admin = redis.Redis.from_url(REDIS_BACKEND)
+    user, password = f"cb-noscript-{uuid()[:8]}", uuid()
+    admin.acl_setuser(
+        user,
+        enabled=True,
+        passwords=[f"+{password}"],
+        keys=["*"],
+        channels=["*"],
+        commands=["+@all", "-@scripting"],
+    )
+    url = REDIS_BACKEND.replace("redis://", f"redis://{user}:{password}@", 1)
+    app = Celery("noscript", backend=url, set_as_current=False)
+    app.conf.result_expires = 300
+    try:
+
+        @app.task(base=Batches, per_request_results=True, shared=False)
+        def double(requests: list[SimpleRequest]) -> list[int]:
+            return [r.args[0] * 2 for r in requests]
+
+        first, second = [uuid() for _ in range(5)], [uuid() for _ in range(3)]
+        app.backend.mark_as_done(first[0], "first run")
+        # when two batches run
+        with caplog.at_level(logging.WARNING, logger="celery_batches.results"):
+            for batch in (first, second):
+                run_batch(
+                    double,
+                    [
+                        eager_request(double, i, (n,), {}, {})
+                        for n, i in enumerate(batch)
+                    ],
+                )
+        # then every result is stored, the SUCCESS kept, and the refusal
+        # was said once, not per batch
+        assert app.AsyncResult(first[0]).get(timeout=5) == "first run"
+        assert [app.AsyncResult(i).get(timeout=5) for i in first[1:]] == [2, 4, 6, 8]
+        assert [app.AsyncResult(i).get(timeout=5) for i in second] == [0, 2, 4]
+        refusals = [r for r in caplog.records if "refused our script" in r.message]
+        assert len(refusals) == 1
+    finally:
+        app.close()
+        admin.acl_deluser(user)
+        admin.close()
 
 
 def test_chord_members_and_failures_take_the_per_result_path(app: Celery) -> None:
