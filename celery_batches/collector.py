@@ -54,6 +54,11 @@ KEY_REPR_MAXSIZE = 1024
 #: which means *unlimited*, so no widening may take the window past it.
 PREFETCH_COUNT_MAX = 0xFFFF
 
+#: Seconds (at most; never past the task's ``flush_interval``) a key that
+#: filled a batch keeps its widening of the prefetch window while no call
+#: of it waits: a busy key's next call comes long before.
+LINGER = 0.25
+
 
 class WorkerBatches:
     """The batch collectors of one worker consumer and their prefetch budget."""
@@ -176,6 +181,14 @@ class BatchCollector:
         #: ``acks_late``). With only ``flush_every`` the broker stops after
         #: a flush until those acks are out, and the consumer sits idle.
         self.widening = 2 * int(task.flush_every)
+        #: Keys that filled a batch and have nothing waiting, with when they
+        #: give their widening back. Narrowing the window at each full
+        #: batch and widening it at the next call costs two prefetch
+        #: updates per batch (on RabbitMQ, two ``basic.qos`` round trips,
+        #: with the broker held to Celery's window between them): a key
+        #: that fills batches keeps its widening while it stays busy.
+        self.lingering: dict[Hashable, float] = {}
+        self.linger = min(float(task.flush_interval), LINGER)
         self.key_of = _key_function(task)
         # The flush timer of non-event-loop pools runs in its own thread.
         self.lock = threading.RLock()
@@ -213,16 +226,20 @@ class BatchCollector:
             # consumer started (WorkerBatches.prepare_window).
             return
         room = PREFETCH_COUNT_MAX - qos.value
-        amount = self.budget.grant(
-            self.task.name,
-            key,
-            min(self.widening, room),
-            max_keys=self.max_boosted_keys,
-        )
+        want = min(self.widening, room)
+        budget = self.budget
+        name = self.task.name
+        amount = budget.grant(name, key, want, max_keys=self.max_boosted_keys)
+        if not amount and self.lingering:
+            # Keys that wait for nothing give way to one that waits.
+            for idle in list(self.lingering):
+                self._unboost(idle)
+            amount = budget.grant(name, key, want, max_keys=self.max_boosted_keys)
         if amount:
             qos.increment_eventually(amount)
 
     def _unboost(self, key: Hashable) -> None:
+        self.lingering.pop(key, None)
         amount = self.budget.release(self.task.name, key)
         qos = self.consumer.qos
         if amount and qos is not None:
@@ -246,13 +263,16 @@ class BatchCollector:
         """Buffer ``request`` under ``key``; flush the key's batch if it is full."""
         with self.lock:
             policy = self.policy
-            if not policy.pending(key):
+            now = monotonic()
+            if not policy.pending(key) and self.lingering.pop(key, None) is None:
                 self._boost(key)
-            batch = policy.add(request, key, monotonic())
-            if batch is not None:
-                self._unboost(key)
-                if policy.pending(key):
-                    self._boost(key)
+            batch = policy.add(request, key, now)
+            if (
+                batch is not None
+                and not policy.pending(key)
+                and self.budget.granted(self.task.name, key)
+            ):
+                self.lingering[key] = now + self.linger
             self._rearm()
         if batch is not None:
             self.dispatch(batch, key, reason)
@@ -260,6 +280,11 @@ class BatchCollector:
     def _rearm(self) -> None:
         """Arm the flush timer for the next key due, if it is not armed for it."""
         due = self.policy.next_due()
+        if self.lingering:
+            # At most max_boosted_keys of them: keys without a grant never
+            # linger.
+            until = min(self.lingering.values())
+            due = until if due is None else min(due, until)
         if due == self._timer_due:
             return
         self._cancel_timer()
@@ -292,9 +317,13 @@ class BatchCollector:
             if generation is not None and generation != self._timer_generation:
                 return
             self._timer_entry = self._timer_due = None
-            batches = self.policy.due(max(monotonic(), due))
+            now = max(monotonic(), due)
+            batches = self.policy.due(now)
             for key in {key for key, _ in batches}:
                 self._unboost(key)
+            for key, until in list(self.lingering.items()):
+                if until <= now:
+                    self._unboost(key)
             self._rearm()
         for key, batch in batches:
             self.dispatch(batch, key, "interval")
@@ -447,7 +476,7 @@ class BatchCollector:
         """
         with self.lock:
             batches = self.policy.drain()
-            for key in {key for key, _ in batches}:
+            for key in {key for key, _ in batches} | set(self.lingering):
                 self._unboost(key)
             self._cancel_timer()
         for key, batch in batches:
@@ -468,6 +497,7 @@ class BatchCollector:
             # The consumer's window goes with the connection; a new one
             # starts from Celery's own prefetch count.
             self.budget.release_task(self.task.name)
+            self.lingering.clear()
             self._cancel_timer()
         for request in (*waiting, *(request for request, _ in held)):
             task_ready(request)

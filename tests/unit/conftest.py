@@ -31,6 +31,7 @@ from kombu.common import QoS
 from kombu.utils.uuid import uuid
 
 from celery_batches import SimpleRequest
+from celery_batches.collector import collectors_of
 
 #: Message formats a worker accepts: Celery's protocol 1 and 2, and the
 #: hybrid of protocol 2 headers with a protocol 1 body.
@@ -173,9 +174,26 @@ class FakeWorker:
         raise AssertionError("timer entries keep coming due: one is never cancelled")
 
     def fire_interval(self) -> None:
-        """Let time pass until the armed flush interval comes due."""
-        (due,) = [s.eta for s in self.timer.queue if s.entry in self.interval_entries()]
-        self.run_until(due)
+        """Let time pass until the armed flush interval comes due.
+
+        The timer may first come due for a key whose widening lingers
+        after a full batch (``collector.LINGER``); it is then armed again
+        for the calls waiting, and this waits for that too.
+        """
+
+        def waiting() -> int:
+            return sum(len(c.policy) for c in collectors_of(self.consumer).values())
+
+        for _ in range(10):
+            armed = [
+                s.eta for s in self.timer.queue if s.entry in self.interval_entries()
+            ]
+            if not armed:
+                return
+            before = waiting()
+            self.run_until(armed[0])
+            if not before or waiting() < before:
+                return
 
 
 def make_message(

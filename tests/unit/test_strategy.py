@@ -19,6 +19,7 @@ from celery.worker import state as worker_state
 from kombu.utils.uuid import uuid
 
 from celery_batches import Batches, SimpleRequest
+from celery_batches.collector import LINGER, collectors_of
 from celery_batches.signals import batch_flushed
 from tests.unit.conftest import (
     PROTOCOLS,
@@ -166,16 +167,59 @@ def test_the_prefetch_window_widens_while_calls_wait_and_narrows_after_the_flush
     task = batch_task(app, flush_every=3)
     handler = worker.strategy(task)
     windows = []
-    # when three calls arrive one by one
+    # when three calls arrive one by one, and no more
     for n in range(3):
         worker.deliver(handler, make_message(app, task.s(n)))
         worker.sync_prefetch()
         windows.append(worker.qos.value)
     # then the window is 4 + 2 x 3 while calls wait (so the broker can
-    # deliver a full batch, and the next one while the pool takes this one)
-    # and back to 4 once the batch is flushed
-    assert windows == [10, 10, 4]
+    # deliver a full batch, and the next one while the pool takes this one),
+    # stays so for a moment after the flush, in case more calls follow ...
+    assert windows == [10, 10, 10]
+    assert len(worker.pool.batches) == 1
+    # ... and is back to 4 once that moment has passed with no call
+    worker.advance(LINGER)
+    worker.sync_prefetch()
+    assert worker.qos.value == 4
     assert worker.prefetch_sent == [4, 10, 4]
+    assert worker.interval_entries() == []
+
+
+def test_a_busy_key_keeps_its_window_from_one_batch_to_the_next(app: Celery) -> None:
+    # given a worker whose prefetch window is 4 and a batch task of three
+    worker = FakeWorker(app, prefetch=4)
+    task = batch_task(app, flush_every=3)
+    handler = worker.strategy(task)
+    # when nine calls arrive one by one, the prefetch count sent after each
+    # (as Celery's event loop does)
+    for n in range(9):
+        worker.deliver(handler, make_message(app, task.s(n)))
+        worker.sync_prefetch()
+    # then three batches ran, and the window was widened once: not narrowed
+    # and widened again around each flush (two basic.qos round trips a
+    # batch on RabbitMQ)
+    assert len(worker.pool.batches) == 3
+    assert worker.prefetch_sent == [4, 10]
+    worker.advance(LINGER)
+    worker.sync_prefetch()
+    assert worker.prefetch_sent == [4, 10, 4]
+
+
+def test_a_lingering_key_gives_way_to_a_waiting_one(app: Celery) -> None:
+    # given a batch task keyed by its argument, on a worker whose pool has
+    # one process (so at most two keys widen the window at once)
+    worker = FakeWorker(app, prefetch=4)
+    task = batch_task(app, flush_every=2, batch_key=lambda request: request.args[0])
+    handler = worker.strategy(task)
+    # when keys "a" and "b" each fill a batch, and then "c" has a call
+    for key in ("a", "a", "b", "b", "c"):
+        worker.deliver(handler, make_message(app, task.s(key)))
+        worker.sync_prefetch()
+    # then "c" waits with a widened window: the idle keys gave theirs back
+    collector = collectors_of(worker.consumer)[task.name]
+    assert collector.budget.granted(task.name, "c") == 4
+    assert set(collector.lingering) <= {"a", "b"}
+    assert worker.qos.value <= 4 + 2 * 4
 
 
 def test_an_interval_flush_narrows_the_prefetch_window_too(app: Celery) -> None:
