@@ -170,22 +170,27 @@ class BatchOutcomes:
         # stores the result; keep that order so a reader of the result never
         # sees SUCCESS before the chain moved on.
         callbacks = request._context_value("callbacks")
-        if callbacks:
-            for callback in callbacks:
-                app.signature(callback).apply_async(
-                    (result,),
-                    parent_id=request.id,
-                    root_id=request._context_value("root_id"),
-                )
         chain = request._context_value("chain")
-        if chain:
-            next_step = app.signature(chain[-1])
-            next_step.apply_async(
-                (result,),
-                chain=chain[:-1],
-                parent_id=request.id,
-                root_id=request._context_value("root_id"),
-            )
+        if callbacks or chain:
+            # As Celery's tracer: a call whose message names no root (task
+            # protocol 1 carries none) is its own root, not the batch's.
+            root_id = request._context_value("root_id") or request.id
+            # The call is the current task while they are sent, as a plain
+            # task is: they are its children, stored with its result (not
+            # the batch's).
+            with _as_current(task, request):
+                for callback in callbacks or ():
+                    app.signature(callback).apply_async(
+                        (result,), parent_id=request.id, root_id=root_id
+                    )
+                if chain:
+                    next_step = app.signature(chain[-1])
+                    next_step.apply_async(
+                        (result,),
+                        chain=chain[:-1],
+                        parent_id=request.id,
+                        root_id=root_id,
+                    )
         writer = self._writer
         if writer is not None and writer.accepts(request):
             # Encodes now, so a value the serializer refuses fails here, for

@@ -89,6 +89,29 @@ def _template_of(meta: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
+def _passes(exc: Exception) -> bool:
+    """Whether ``exc`` is a moment of the server's, not a refusal of scripts.
+
+    Out of memory (``maxmemory`` with ``noeviction``), a read-only replica
+    or a master down during a failover, a busy or misconfigured server, a
+    script cache flushed between ``SCRIPT LOAD`` and ``EVALSHA``: the next
+    batch may run the script. Any other error answer (``NOPERM``, an
+    unknown ``EVALSHA``, a proxy's own refusal) is taken as for good.
+    """
+    from redis import exceptions
+
+    transient = (
+        exceptions.OutOfMemoryError,
+        exceptions.ReadOnlyError,
+        exceptions.NoScriptError,
+        exceptions.TryAgainError,
+        exceptions.ClusterDownError,
+    )
+    return isinstance(exc, transient) or str(exc).startswith(
+        ("BUSY", "MISCONF", "NOREPLICAS")
+    )
+
+
 class ResultWriter:
     """Collects the SUCCESS results of one batch and stores them together.
 
@@ -208,16 +231,26 @@ class ResultWriter:
             try:
                 self._store_by_script(keys, values)
                 return
-            # Scripting is disabled on this server, or not permitted to this
-            # user: the pipeline works everywhere. Kept for the worker's life
-            # (a server refusing for another reason only costs speed).
+            # The server answered with an error: the pipeline stores this
+            # batch. Kept for the worker's life when scripting is disabled
+            # on this server or not permitted to this user (a server
+            # refusing for another reason only costs speed), but not for an
+            # error that passes: one moment out of memory must not cost
+            # every later batch its single round trip.
             except ResponseError as exc:
-                _without_scripts.add(backend)
-                logger.warning(
-                    "The Redis result backend refused our script (%s); results "
-                    "are stored with a pipeline per batch from now on",
-                    exc,
-                )
+                if _passes(exc):
+                    logger.warning(
+                        "The Redis result backend failed our script (%s); "
+                        "this batch's results are stored with a pipeline",
+                        exc,
+                    )
+                else:
+                    _without_scripts.add(backend)
+                    logger.warning(
+                        "The Redis result backend refused our script (%s); "
+                        "results are stored with a pipeline per batch from now on",
+                        exc,
+                    )
         self._store_by_pipeline(keys, values)
 
     def _store_by_script(self, keys: list[str], values: list[Any]) -> None:

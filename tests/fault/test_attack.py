@@ -19,7 +19,8 @@ from kombu.utils.uuid import uuid
 from celery_batches import Batches, SimpleRequest
 from tests.harness.brokers import BROKERS, REDIS_BACKEND
 from tests.harness.client import RawMessage
-from tests.harness.journal import Failure, Received
+from tests.harness.journal import Failure, Postrun, Received
+from tests.harness.servers import RedisServer
 from tests.harness.wait import wait_for
 from tests.harness.worker import Worker, Workers, start_worker
 from tests.integration.test_monitoring import EventLog
@@ -952,3 +953,48 @@ def test_a_call_a_flush_hook_leaves_out_is_settled_not_stranded() -> None:
             assert left.id not in reserved()
     finally:
         app.close()
+
+
+# -- a result backend that ran out of memory for a while ------------------------
+
+
+def test_a_backend_out_of_memory_for_a_while_keeps_the_script_afterwards(
+    workers: Workers, own_redis: RedisServer
+) -> None:
+    # given a worker whose results go to a Redis server of our own, which
+    # runs out of memory (maxmemory reached, noeviction) while a batch is
+    # stored: the script is refused, and so is everything else
+    worker = workers.start(
+        "rabbitmq", "solo", urls=(BROKERS["rabbitmq"][0], own_redis.url(2))
+    )
+    task = worker.tasks.collect
+    admin = own_redis.client()
+    before: dict[Any, Any] = dict(admin.config_get("maxmemory*"))
+    try:
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", 1)
+        starved = [task.delay(n) for n in range(3)]
+        wait_for(
+            lambda: (
+                all(worker.runs(r.id) == 1 for r in starved)
+                and _postruns(worker, task.name) >= 1
+            ),
+            what="the batch stored while out of memory",
+        )
+    finally:
+        for name in ("maxmemory", "maxmemory-policy"):
+            admin.config_set(name, before[name])
+    assert worker.states([r.id for r in starved]) == ["PENDING"] * 3
+    # when memory is freed and the next batch is stored
+    admin.config_resetstat()
+    fed = [task.delay(n) for n in range(3)]
+    # then its results are stored by the script again, not by the MGET and
+    # pipeline of a server that refuses scripts for good
+    assert [r.get(timeout=20) for r in fed] == [0, 1, 2]
+    stats = admin.info("commandstats")
+    assert stats.get("cmdstat_evalsha", {}).get("calls", 0) >= 1, stats
+    assert "cmdstat_mget" not in stats, stats
+
+
+def _postruns(worker: Worker, name: str) -> int:
+    return sum(r.task == name for r in worker.journal.records(Postrun))

@@ -73,6 +73,8 @@ class Tasks:
     attack_retry_all: Batches
     attack_touchy: Batches
     attack_retry_odd: Batches
+    attack_lineage: Task
+    attack_plain_double: Task
 
     def twins(self, mode: str) -> tuple[Batches, Task]:
         """The batch task and the plain task that end their calls by ``mode``."""
@@ -468,6 +470,16 @@ def register_tasks(app: Celery, journal: Journal, gate: str) -> Tasks:
             else:
                 soon = datetime.now(timezone.utc) + timedelta(seconds=0.2)
                 r.retry(eta=soon.isoformat())  # type: ignore[arg-type]
+
+    @plain(bind=True)
+    def attack_lineage(self: Any, value: Any) -> list[Any]:
+        # A callback that reports where Celery says it comes from.
+        return [value, self.request.parent_id, self.request.root_id]
+
+    @plain()
+    def attack_plain_double(value: int) -> int:
+        # The plain twin of collect(value, value): what Celery does for it.
+        return value * 2
 
     declared = {field.name for field in fields(Tasks)}
     assert declared == set(made), (

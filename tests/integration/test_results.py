@@ -8,13 +8,15 @@ from typing import Any
 
 import pytest
 import redis
-from celery import Celery, states
+from celery import Celery, chain, states
 from kombu.utils.uuid import uuid
 
 from celery_batches import Batches, SimpleRequest, results
 from celery_batches.eager import eager_request
 from celery_batches.trace import run_batch
 from tests.harness.brokers import REDIS_BACKEND, require_server
+from tests.harness.params import shared_workers
+from tests.harness.worker import Worker
 
 
 @pytest.fixture
@@ -136,3 +138,47 @@ def test_chord_members_and_failures_take_the_per_result_path(app: Celery) -> Non
     assert app.AsyncResult(ids[0]).get(timeout=5) == 0
     failed = app.AsyncResult(ids[1])
     assert failed.state == states.FAILURE and isinstance(failed.result, ValueError)
+
+
+@shared_workers("memory-solo", "redis-prefork")
+def test_link_callbacks_and_chain_steps_come_from_their_call_as_a_plain_tasks(
+    worker: Worker, protocol: int
+) -> None:
+    collect = worker.tasks.collect
+    plain = worker.tasks.attack_plain_double
+    lineage = worker.tasks.attack_lineage
+    # given a batched call and its plain twin, each with a link callback
+    # and each the first step of a chain, sent in either task protocol (a
+    # protocol 1 message carries no root id)
+    calls = [
+        collect.apply_async((1, 1), link=lineage.s()),
+        plain.apply_async((1,), link=lineage.s()),
+    ]
+    chains = [
+        chain(collect.s(1, 1), lineage.s()).apply_async(),
+        chain(plain.s(1), lineage.s()).apply_async(),
+    ]
+    # when they have run, then each call's result holds its callback as a
+    # child, and callback and next step name the call as parent and root
+    # (or neither, in a protocol 1 message), the batch's as the plain's
+    seen = []
+    for call in calls:
+        assert call.get(timeout=20) == 2
+        children = worker.app.AsyncResult(call.id).children
+        assert children is not None and len(children) == 1, children
+        seen.append(_lineage(children[0].get(timeout=20), call.id))
+    for step in chains:
+        first = step.parent
+        assert first is not None and first.get(timeout=20) == 2
+        assert [c.id for c in worker.app.AsyncResult(first.id).children or []] == [
+            step.id
+        ]
+        seen.append(_lineage(step.get(timeout=20), first.id))
+    batched_callback, plain_callback, batched_step, plain_step = seen
+    assert batched_callback == plain_callback
+    assert batched_step == plain_step
+
+
+def _lineage(reported: list[Any], call_id: str) -> list[Any]:
+    """What a callback reported, with its call's id written as "call"."""
+    return ["call" if value == call_id else value for value in reported]
