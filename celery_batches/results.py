@@ -100,12 +100,17 @@ def _passes(exc: Exception) -> bool:
     """
     from redis import exceptions
 
-    transient = (
-        exceptions.OutOfMemoryError,
-        exceptions.ReadOnlyError,
-        exceptions.NoScriptError,
-        exceptions.TryAgainError,
-        exceptions.ClusterDownError,
+    # Looked up by name: older redis-py releases lack some of them.
+    transient = tuple(
+        getattr(exceptions, name)
+        for name in (
+            "OutOfMemoryError",
+            "ReadOnlyError",
+            "NoScriptError",
+            "TryAgainError",
+            "ClusterDownError",
+        )
+        if hasattr(exceptions, name)
     )
     return isinstance(exc, transient) or str(exc).startswith(
         ("BUSY", "MISCONF", "NOREPLICAS")
