@@ -53,7 +53,9 @@ def rows(data: dict[str, Any]) -> list[dict[str, Any]]:
                     "label": label,
                     "rate": summary["rate"],
                     "ratio": summary["rate"] / bare if bare else None,
-                    "mean_batch": summary["mean_batch"] if key != "bare" else None,
+                    "mean_batch": (
+                        summary["mean_batch"] if not key.startswith("bare") else None
+                    ),
                     "peak_rss_mib": summary["peak_rss_mib"],
                 }
             )
