@@ -179,7 +179,9 @@ class ResultWriter:
                 traceback=None,
                 request=request.context,
             )
-            if not self._probed:
+            # A call with children (its link callbacks, say) tells nothing
+            # of the others: the template comes from the first without.
+            if not self._probed and not meta.get("children"):
                 self._probed = True
                 self._template = _template_of(meta)
         else:
