@@ -45,6 +45,9 @@ def describe(consumer: Consumer) -> dict[str, Any]:
         with collector.lock:
             waiting = collector.policy.waiting()
             held = len(collector.held)
+            # Every key's grant, not only the waiting keys': a key that just
+            # filled a batch keeps its widening a moment with nothing waiting.
+            granted = collector.budget.granted_to(name)
         interval = collector.policy.flush_interval
         tasks[name] = {
             "flush_every": collector.policy.buffer.flush_every,
@@ -60,9 +63,7 @@ def describe(consumer: Consumer) -> dict[str, Any]:
                 for key, count, since in waiting
             ],
             "held_for_eta": held,
-            "prefetch_granted": sum(
-                collector.budget.granted(name, key) for key, _, _ in waiting
-            ),
+            "prefetch_granted": granted,
         }
     qos = getattr(consumer, "qos", None)
     return {

@@ -70,6 +70,11 @@ class PrefetchBudget:
         with self._lock:
             return self._grants.get((task, key), 0)
 
+    def granted_to(self, task: str) -> int:
+        """Return how much the keys of ``task`` widen the window now, in all."""
+        with self._lock:
+            return self._used_by_task.get(task, 0)
+
     def keys(self, task: str) -> int:
         """Return how many keys of ``task`` widen the window now."""
         with self._lock:

@@ -20,6 +20,7 @@ from kombu.utils.uuid import uuid
 
 from celery_batches import Batches, SimpleRequest
 from celery_batches.collector import LINGER, collectors_of
+from celery_batches.control import describe
 from celery_batches.signals import batch_flushed
 from tests.unit.conftest import (
     PROTOCOLS,
@@ -220,6 +221,31 @@ def test_a_lingering_key_gives_way_to_a_waiting_one(app: Celery) -> None:
     assert collector.budget.granted(task.name, "c") == 4
     assert set(collector.lingering) <= {"a", "b"}
     assert worker.qos.value <= 4 + 2 * 4
+
+
+def test_inspect_batches_counts_the_widening_a_lingering_key_keeps(
+    app: Celery,
+) -> None:
+    # given a worker whose prefetch window is 4 and a batch task of three
+    worker = FakeWorker(app, prefetch=4)
+    task = batch_task(app, flush_every=3)
+    handler = worker.strategy(task)
+    # when three calls fill a batch and no call follows yet, so the key
+    # keeps its widening for a moment
+    for n in range(3):
+        worker.deliver(handler, make_message(app, task.s(n)))
+    worker.sync_prefetch()
+    assert worker.qos.value == 10
+    # then `celery inspect batches` puts that widening on the task, as the
+    # budget counts it: not "nothing granted" beside 6 in use
+    state = describe(worker.consumer)
+    assert state["prefetch"]["in_use"] == 6
+    assert state["tasks"][task.name]["prefetch_granted"] == 6
+    # and once that moment has passed, on neither
+    worker.advance(LINGER)
+    state = describe(worker.consumer)
+    assert state["prefetch"]["in_use"] == 0
+    assert state["tasks"][task.name]["prefetch_granted"] == 0
 
 
 def test_an_interval_flush_narrows_the_prefetch_window_too(app: Celery) -> None:
