@@ -78,9 +78,10 @@ def _template_of(meta: dict[str, Any]) -> dict[str, Any] | None:
     a batch's results costs. The batch's results are written together, so
     they share the first one's ``date_done``. A meta with a field this
     module does not know (``result_extended``, a Celery to come) gets no
-    template, and every result is built by Celery.
+    template, and every result is built by Celery. ``meta`` is that of a
+    call without children (the caller picks one).
     """
-    if not meta.keys() <= _PLAIN_META_FIELDS or meta.get("children"):
+    if not meta.keys() <= _PLAIN_META_FIELDS:
         return None
     return {
         key: value
@@ -208,7 +209,7 @@ class ResultWriter:
         # results are stored one by one instead, as Celery would have.
         except Exception:
             logger.warning(
-                "Storing %d results in one pipeline failed; storing one by one",
+                "Storing %d results in one round trip failed; storing one by one",
                 len(pending),
                 exc_info=True,
             )
@@ -261,34 +262,37 @@ class ResultWriter:
         self._store_by_pipeline(keys, values)
 
     def _store_by_script(self, keys: list[str], values: list[Any]) -> None:
+        expires = int(self.backend.expires or 0)
+        held = self._run_sliced(keys, values, expires, "new")
+        # A held result that is not a SUCCESS (STARTED, RETRY, a FAILURE of
+        # an earlier run) is written over, as Celery writes over it.
+        again = [
+            (key, value)
+            for key, value, current in held
+            if not self._is_success(current)
+        ]
+        if again:
+            self._run_sliced(
+                [key for key, _ in again], [value for _, value in again], expires, "all"
+            )
+
+    def _run_sliced(
+        self, keys: list[str], values: list[Any], expires: int, mode: str
+    ) -> list[tuple[str, Any, Any]]:
+        """Run the script per slice; return ``(key, value, held)`` per key held."""
         backend: Any = self.backend
-        expires = int(backend.expires or 0)
-        again_keys: list[str] = []
-        again_values: list[Any] = []
+        held = []
         for start in range(0, len(keys), SCRIPT_SLICE):
             some_keys = keys[start : start + SCRIPT_SLICE]
             some_values = values[start : start + SCRIPT_SLICE]
             # Retried on a lost connection like Celery's own writes: a slice
             # stored before the loss comes back as held SUCCESS, kept as is.
-            held = backend.ensure(
-                self._run_script, (some_keys, some_values, expires, "new")
+            reply = backend.ensure(
+                self._run_script, (some_keys, some_values, expires, mode)
             )
-            for index, current in zip(held[::2], held[1::2]):
-                if not self._is_success(current):
-                    again_keys.append(some_keys[index - 1])
-                    again_values.append(some_values[index - 1])
-        # A held result that is not a SUCCESS (STARTED, RETRY, a FAILURE of
-        # an earlier run) is written over, as Celery writes over it.
-        for start in range(0, len(again_keys), SCRIPT_SLICE):
-            backend.ensure(
-                self._run_script,
-                (
-                    again_keys[start : start + SCRIPT_SLICE],
-                    again_values[start : start + SCRIPT_SLICE],
-                    expires,
-                    "all",
-                ),
-            )
+            for index, current in zip(reply[::2], reply[1::2]):
+                held.append((some_keys[index - 1], some_values[index - 1], current))
+        return held
 
     def _run_script(
         self, keys: list[str], values: list[Any], expires: int, mode: str
@@ -296,13 +300,14 @@ class ResultWriter:
         from redis.exceptions import NoScriptError
 
         client: Any = self.backend.client
+        arguments = (_STORE_SHA, len(keys), *keys, expires, mode, *values)
         try:
-            return client.evalsha(_STORE_SHA, len(keys), *keys, expires, mode, *values)  # type: ignore[no-any-return]
+            return client.evalsha(*arguments)  # type: ignore[no-any-return]
         # First use on this server, or its script cache was flushed (a
         # restart, a failover): load it and run it again.
         except NoScriptError:
             client.script_load(STORE_SCRIPT)
-            return client.evalsha(_STORE_SHA, len(keys), *keys, expires, mode, *values)  # type: ignore[no-any-return]
+            return client.evalsha(*arguments)  # type: ignore[no-any-return]
 
     def _is_success(self, stored: Any) -> bool:
         try:
