@@ -417,21 +417,23 @@ class Unprintable:
         raise RuntimeError("not printable")
 
 
+def unprintable_odd_tenant(request: SimpleRequest) -> object:
+    """Batch key: the call's tenant, an :class:`Unprintable` for tenant "odd"."""
+    tenant = request.kwargs["tenant"]
+    return Unprintable(tenant) if tenant == "odd" else tenant
+
+
 def test_inspect_batches_answers_while_a_key_cannot_be_printed() -> None:
     # given a worker holding calls of a task keyed by an object whose repr
     # raises (batch_key may return any hashable), and calls of a plain key
     app = Celery("attack.unprintable", set_as_current=False)
-
-    def key_of(request: SimpleRequest) -> object:
-        tenant = request.kwargs["tenant"]
-        return Unprintable(tenant) if tenant == "odd" else tenant
 
     @app.task(
         base=Batches,
         name="attack.unprintable",
         flush_every=50,
         flush_interval=60,
-        batch_key=key_of,
+        batch_key=unprintable_odd_tenant,
         shared=False,
     )
     def unprintable(requests: list[SimpleRequest]) -> None:
@@ -634,16 +636,12 @@ def test_the_flush_line_of_any_key_is_printable_and_bounded() -> None:
     # repr raises
     app = Celery("attack.flushline", set_as_current=False)
 
-    def key_of(request: SimpleRequest) -> object:
-        tenant = request.kwargs["tenant"]
-        return Unprintable(tenant) if tenant == "odd" else tenant
-
     @app.task(
         base=Batches,
         name="attack.flushline",
         flush_every=2,
         flush_interval=0.3,
-        batch_key=key_of,
+        batch_key=unprintable_odd_tenant,
         shared=False,
     )
     def flushline(requests: list[SimpleRequest]) -> None:
