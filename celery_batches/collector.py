@@ -131,6 +131,20 @@ def collectors_of(consumer: Consumer) -> dict[str, BatchCollector]:
     return worker_batches(consumer).collectors
 
 
+def _split_handed(
+    live: list[Request], taken: list[Request]
+) -> tuple[list[Request], list[Request]]:
+    """Split ``live`` into the requests the flush took and those it left out.
+
+    By identity: two calls may share an id, and only the one taken counts.
+    """
+    handed = {id(request) for request in taken}
+    return (
+        [request for request in live if id(request) in handed],
+        [request for request in live if id(request) not in handed],
+    )
+
+
 def _key_function(task: BatchTask) -> KeyFunction | None:
     batch_key = batch_key_of(task)
     if batch_key is None:
@@ -411,8 +425,7 @@ class BatchCollector:
         # super().flush()) run, or were failed on their own, already:
         # failing them too would settle them twice.
         except Exception as exc:
-            handed = {id(request) for request in taken}
-            left = [request for request in live if id(request) not in handed]
+            _, left = _split_handed(live, taken)
             logger.error(
                 "Error flushing a batch of %d %s requests; %d not handed "
                 "to the pool fail",
@@ -424,8 +437,7 @@ class BatchCollector:
             for request in left:
                 fail_request(self.task, request, exc)
             return
-        handed = {id(request) for request in taken}
-        left = [request for request in live if id(request) not in handed]
+        handed, left = _split_handed(live, taken)
         if left:
             # A flush hook that hands over only part of its batch: the calls
             # it left out will never run, and unsettled they would wait
@@ -446,7 +458,7 @@ class BatchCollector:
                         f"batch by {self.task.name}.flush()"
                     ),
                 )
-            live = [request for request in live if id(request) in handed]
+            live = handed
             if not live:
                 return
         if _does_info():
