@@ -434,8 +434,8 @@ class BatchOutcomes:
             "name": request.name,
             "exc": saferepr(exc),
             "traceback": einfo.traceback,
-            "args": _args_repr(request),
-            "kwargs": _kwargs_repr(request),
+            "args": _shown(request, "argsrepr", request.args),
+            "kwargs": _shown(request, "kwargsrepr", request.kwargs),
             "description": policy.description,
             "internal": einfo.internal,
         }
@@ -461,8 +461,8 @@ class BatchOutcomes:
                 "name": request.name,
                 "return_value": saferepr(settlement[1], maxsize),
                 "runtime": runtime,
-                "args": _args_repr(request),
-                "kwargs": _kwargs_repr(request),
+                "args": _shown(request, "argsrepr", request.args),
+                "kwargs": _shown(request, "kwargsrepr", request.kwargs),
             }
             task_logger.info(LOG_SUCCESS.strip(), context, extra={"data": context})
 
@@ -617,17 +617,12 @@ def _pair(
     )
 
 
-def _args_repr(request: SimpleRequest) -> str:
-    # As Celery's tracer: the argsrepr the call was sent with first, which
-    # may hide what the arguments hold (Celery's documented way to keep
-    # secrets out of logs and error trackers).
-    shown = request.request_dict.get("argsrepr")
-    return shown if isinstance(shown, str) and shown else saferepr(request.args)
-
-
-def _kwargs_repr(request: SimpleRequest) -> str:
-    shown = request.request_dict.get("kwargsrepr")
-    return shown if isinstance(shown, str) and shown else saferepr(request.kwargs)
+def _shown(request: SimpleRequest, header: str, value: Any) -> str:
+    # As Celery's tracer: the argsrepr/kwargsrepr the call was sent with
+    # first, which may hide what the arguments hold (Celery's documented way
+    # to keep secrets out of logs and error trackers).
+    shown = request.request_dict.get(header)
+    return shown if isinstance(shown, str) and shown else saferepr(value)
 
 
 def _default_delay(task: Task, retries: int) -> float:
